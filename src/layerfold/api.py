@@ -1,0 +1,188 @@
+"""The Python entry points: load, plan, apply, prune, evaluate."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from layerfold.data.tokens import CalibrationConfig
+from layerfold.errors import LayerfoldError
+from layerfold.methods.base import PlanContext, PlanResult, Target, make_method
+from layerfold.models.arch import parameter_count
+from layerfold.models.load import LoadedModel, load_model, wrap_model
+from layerfold.plan import Plan
+from layerfold.surgery import apply_plan as _apply_plan
+from layerfold.surgery import save_model
+
+__all__ = ["LoadedModel", "PruneReport", "apply_plan", "evaluate", "load_model", "make_plan", "prune"]
+
+TENSORS_FILE = "plan.tensors.safetensors"
+
+
+def _as_loaded(model, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, torch.nn.Module):
+        return wrap_model(model)
+    return load_model(model, dtype=dtype, device=device)
+
+
+def make_plan(model: LoadedModel | str | None = None, method: str = "slm", target: Target | None = None,
+              calibration: CalibrationConfig | None = None, options: dict | None = None,
+              progress: bool = True, tokens: torch.Tensor | None = None) -> PlanResult:
+    """Decide what to cut without changing the model (a dry run)."""
+    loaded = _as_loaded(model)
+    planner = make_method(method, options)
+    ctx = PlanContext(loaded=loaded, calibration=calibration or CalibrationConfig(), target=target or Target(),
+                      progress=progress, tokens_override=tokens)
+    start = time.perf_counter()
+    result = planner.plan(ctx)
+    result.plan.provenance["planning_seconds"] = round(time.perf_counter() - start, 3)
+    result.plan.provenance["options"] = planner.model_dump()
+    return result
+
+
+def apply_plan(model: LoadedModel | torch.nn.Module, plan: Plan | PlanResult,
+               overrides: dict | None = None) -> torch.nn.Module:
+    """Prune the model in place following the plan."""
+    if isinstance(plan, PlanResult):
+        plan, overrides = plan.plan, plan.overrides
+    module = model.model if isinstance(model, LoadedModel) else model
+    return _apply_plan(module, plan, overrides)
+
+
+def save_plan(result: PlanResult, path: str | Path) -> Path:
+    """Write ``plan.json`` (and the fitted fused-layer weights, if any, beside it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result.plan.save(path)
+    if result.overrides:
+        from safetensors.torch import save_file
+
+        flat = {f"{lo}/{name}": t.contiguous() for lo, state in result.overrides.items() for name, t in state.items()}
+        save_file(flat, str(path.with_name(path.stem + ".tensors.safetensors")))
+    return path
+
+
+def load_plan(path: str | Path) -> PlanResult:
+    path = Path(path)
+    plan = Plan.load(path)
+    tensors = path.with_name(path.stem + ".tensors.safetensors")
+    overrides: dict[int, dict[str, torch.Tensor]] = {}
+    if tensors.is_file():
+        from safetensors.torch import load_file
+
+        for key, t in load_file(str(tensors)).items():
+            lo, name = key.split("/", 1)
+            overrides.setdefault(int(lo), {})[name] = t
+    return PlanResult(plan, overrides)
+
+
+@dataclass
+class PruneReport:
+    plan: Plan
+    out: Path | None
+    layers_before: int
+    layers_after: int
+    params_before: int
+    params_after: int
+    perplexity_before: dict[str, float] = field(default_factory=dict)
+    perplexity_after: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def prune(model: LoadedModel | str | None = None, out: str | Path | None = None, method: str = "slm",
+          target: Target | None = None, calibration: CalibrationConfig | None = None,
+          options: dict | None = None, plan: str | Path | PlanResult | None = None, overwrite: bool = False,
+          ppl: tuple[str, ...] = (), ppl_windows: int | None = 40, progress: bool = True,
+          command: str | None = None) -> PruneReport:
+    """Plan (or read a saved plan), apply it, and save the pruned model with its plan and card."""
+    loaded = _as_loaded(model)
+    if out is not None and Path(out).exists() and not overwrite:
+        raise LayerfoldError(f"output folder {out} exists: choose another --out or pass --overwrite")
+    start = time.perf_counter()
+    layers_before = len(loaded.arch.layer_list(loaded.model))
+    params_before = parameter_count(loaded.model)
+    before = _ppl(loaded, ppl, ppl_windows, progress)
+    if plan is None:
+        result = make_plan(loaded, method, target, calibration, options, progress)
+    elif isinstance(plan, PlanResult):
+        result = plan
+    else:
+        result = load_plan(plan)
+    apply_plan(loaded, result)
+    after = _ppl(loaded, ppl, ppl_windows, progress)
+    report = PruneReport(plan=result.plan, out=None, layers_before=layers_before,
+                         layers_after=len(loaded.arch.layer_list(loaded.model)), params_before=params_before,
+                         params_after=parameter_count(loaded.model), perplexity_before=before,
+                         perplexity_after=after, seconds=time.perf_counter() - start)
+    if out is not None:
+        extra = {"plan.json": result.plan.to_json() + "\n",
+                 "README.md": model_card(report, loaded, command or _command_line())}
+        report.out = save_model(loaded.model, loaded.tokenizer, out, overwrite=overwrite, extra_files=extra)
+        if result.overrides:
+            save_plan(result, report.out / "plan.json")
+    return report
+
+
+def _ppl(loaded: LoadedModel, sources: tuple[str, ...], windows: int | None, progress: bool) -> dict[str, float]:
+    from layerfold.evaluate.perplexity import perplexity
+
+    return {s: perplexity(loaded.model, loaded.tokenizer, s, max_windows=windows, progress=progress).perplexity
+            for s in sources}
+
+
+def _command_line() -> str:
+    return "layerfold " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def model_card(report: PruneReport, loaded: LoadedModel, command: str) -> str:
+    plan = report.plan
+    rows = "\n".join(f"| {s} | {report.perplexity_before[s]:.2f} | {report.perplexity_after.get(s, float('nan')):.2f} |"
+                     for s in report.perplexity_before)
+    ppl = f"\n## Perplexity (128-token windows, first 40, no BOS)\n\n| text | before | after |\n|---|---|---|\n{rows}\n" \
+        if rows else ""
+    return f"""---
+library_name: transformers
+tags: [layerfold, depth-pruning]
+---
+# {Path(str(loaded.source)).name} pruned by layerfold ({plan.method})
+
+Made with [layerfold](https://github.com/) from `{loaded.source}`: {report.layers_before} -> {report.layers_after}
+decoder layers, {report.params_before:,} -> {report.params_after:,} parameters. Load it with plain transformers:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("<this folder>")
+```
+
+## How it was made
+
+    {command}
+
+{plan.summary()}
+
+Criterion: {plan.criterion or '-'}; threshold: {plan.threshold if plan.threshold is not None else '-'};
+merge: {json.dumps(plan.merge) if plan.merge else '-'}; calibration: {json.dumps(plan.calibration)}.
+The full plan is in `plan.json`; `layerfold prune {loaded.source} --plan plan.json` applies it again.
+{ppl}"""
+
+
+def evaluate(model: LoadedModel | str | None = None, ppl: tuple[str, ...] = ("ptb",), seq_len: int = 128,
+             bos: bool = False, batch_size: int = 8, max_windows: int | None = None, progress: bool = True) -> dict:
+    """Perplexity on each source; returns a JSON-ready dict with the protocol of each."""
+    from layerfold.evaluate.perplexity import perplexity
+
+    loaded = _as_loaded(model)
+    results = {}
+    for source in ppl:
+        results[source] = perplexity(loaded.model, loaded.tokenizer, source, seq_len=seq_len, bos=bos,
+                                     batch_size=batch_size, max_windows=max_windows, progress=progress).to_dict()
+    return {"model": loaded.source, "layers": len(loaded.arch.layer_list(loaded.model)),
+            "parameters": parameter_count(loaded.model), "perplexity": results}

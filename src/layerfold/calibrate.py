@@ -1,0 +1,139 @@
+"""Capture every decoder layer's inputs on the calibration set once, then run spans of
+layers directly from those inputs.
+
+All methods and the SLM engine see the model through :class:`LayerCache`, so a candidate
+fused window is evaluated by running one new layer and the layers above it, never the whole
+model, and never a deep copy of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from layerfold.models.arch import Architecture
+
+_DROP_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
+
+
+@dataclass
+class LayerCache:
+    """``inputs[i][b]``: hidden states entering layer ``i`` for batch ``b`` (``inputs[L]`` is
+    the last layer's output); ``extras[i][b]``: the other positional and keyword arguments the
+    model passed to layer ``i`` (masks, position embeddings)."""
+
+    model: nn.Module
+    arch: Architecture
+    tokens: torch.Tensor
+    inputs: list[list[torch.Tensor]] = field(default_factory=list)
+    extras: list[list[tuple[tuple, dict]]] = field(default_factory=list)
+    store_device: torch.device = torch.device("cpu")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.inputs) - 1
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.arch.layer_list(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def batches(self) -> int:
+        return len(self.inputs[0])
+
+    def output(self, i: int) -> torch.Tensor:
+        """Output of layer ``i`` (= input of ``i + 1``) on all samples, ``[N, T, H]`` on CPU."""
+        return torch.cat([h.cpu() for h in self.inputs[i + 1]])
+
+    def run(self, start: int, modules: Sequence[tuple[nn.Module, int]], hidden: list[torch.Tensor] | None = None,
+            final_norm: bool = False) -> list[torch.Tensor]:
+        """Run ``modules`` (each with the original index whose call arguments it uses) from the
+        cached input of layer ``start`` (or from ``hidden``); return per-batch outputs."""
+        hidden = hidden if hidden is not None else self.inputs[start]
+        norm = self.arch.final_norm_module(self.model) if final_norm else None
+        outs = []
+        with torch.no_grad():
+            for b, h in enumerate(hidden):
+                h = h.to(self.device)
+                for module, src in modules:
+                    h = call_layer(module, h, self.extras[src][b], self.device)
+                if norm is not None:
+                    h = norm(h)
+                outs.append(h)
+        return outs
+
+    def final(self, outs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([o.float().cpu() for o in outs])
+
+
+def call_layer(module: nn.Module, hidden: torch.Tensor, extra: tuple[tuple, dict], device) -> torch.Tensor:
+    args, kwargs = extra
+    args = tuple(_to(a, device) for a in args)
+    kwargs = {k: _to(v, device) for k, v in kwargs.items()}
+    out = module(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
+
+
+def capture(model: nn.Module, arch: Architecture, tokens: torch.Tensor, batch_size: int = 8,
+            store_device: str | torch.device = "cpu", progress: bool = True) -> LayerCache:
+    """One forward pass over ``tokens`` ([N, T]) recording each layer's inputs and arguments."""
+    layers = arch.layer_list(model)
+    n_layers = len(layers)
+    store = torch.device(store_device)
+    cache = LayerCache(model=model, arch=arch, tokens=tokens, store_device=store,
+                       inputs=[[] for _ in range(n_layers + 1)], extras=[[] for _ in range(n_layers)])
+    handles = []
+
+    def pre_hook(idx):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            rest_args = args[1:] if args else ()
+            rest = {k: _detach(v) for k, v in kwargs.items() if k != "hidden_states" and k not in _DROP_KWARGS}
+            rest["use_cache"] = False if "use_cache" in kwargs else rest.get("use_cache", False)
+            if "use_cache" not in kwargs:
+                rest.pop("use_cache")
+            cache.inputs[idx].append(hidden.detach().to(store))
+            cache.extras[idx].append((tuple(_detach(a) for a in rest_args), rest))
+
+        return hook
+
+    def last_hook(module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        cache.inputs[n_layers].append(out.detach().to(store))
+
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
+    handles.append(layers[-1].register_forward_hook(last_hook))
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            chunks = list(torch.split(tokens, batch_size))
+            for chunk in tqdm(chunks, desc="calibration forward", disable=not progress, leave=False):
+                model(input_ids=chunk.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return cache
+
+
+def _detach(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detach(v) for v in value)
+    return value

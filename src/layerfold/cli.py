@@ -1,0 +1,219 @@
+"""The ``layerfold`` command: thin, parses options into typed configs and calls the API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from layerfold.errors import LayerfoldError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fold redundant consecutive transformer layers of a causal LM into one.")
+
+ModelArg = Annotated[str | None, typer.Argument(help="Hub id or local folder; default: the embedded SmolLM2-135M.")]
+Dtype = Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
+
+
+def _options(pairs: list[str] | None, **given) -> dict:
+    opts = {k: v for k, v in given.items() if v is not None}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise LayerfoldError(f"--set expects key=value, got '{pair}'")
+        key, value = pair.split("=", 1)
+        try:
+            opts[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key.replace("-", "_")] = value
+    return opts
+
+
+def _planning(method, threshold, target_layers, ratio, param_ratio, criterion, merge, norms, set_,
+              calib_source, calib_samples, calib_seq_len, seed, calib_sampling):
+    from layerfold.data.tokens import CalibrationConfig
+    from layerfold.methods.base import Target
+
+    target = Target(layers=target_layers, ratio=ratio, param_ratio=param_ratio)
+    if not target.given and threshold is None and method == "slm":
+        target = Target(ratio=0.2)
+    options = _options(set_, threshold=threshold, criterion=criterion, merge=merge, norms=norms)
+    calib = CalibrationConfig(source=calib_source, samples=calib_samples, seq_len=calib_seq_len, seed=seed,
+                              sampling=calib_sampling)
+    return target, options, calib
+
+
+Method = Annotated[str, typer.Option(help="Planner: slm (default), shortgpt, angular, laco, sleb, "
+                                          "shortened-ppl, shortened-taylor, last-n. See `layerfold methods`.")]
+Threshold = Annotated[float | None, typer.Option(help="slm: similarity threshold, as in the paper.")]
+TargetLayers = Annotated[int | None, typer.Option("--target-layers", help="Layers to keep.")]
+Ratio = Annotated[float | None, typer.Option(help="Share of decoder layers to remove (default 0.2 for slm).")]
+ParamRatio = Annotated[float | None, typer.Option("--param-ratio", help="Share of all parameters to remove.")]
+Criterion = Annotated[str | None, typer.Option(help="slm: output-cosine, cka-linear, cka-rbf or angular.")]
+Merge = Annotated[str | None, typer.Option(help="slm: merge operator (diff, mean, reference, base, ...).")]
+Norms = Annotated[str | None, typer.Option(help="slm: norm parameters: base (keep the base layer's) or merge.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Other method option, key=value (repeatable).")]
+CalibSource = Annotated[str, typer.Option(help="Calibration text: books, ptb-train, wikitext2, or a file.")]
+CalibSamples = Annotated[int, typer.Option(help="Calibration samples.")]
+CalibSeqLen = Annotated[int, typer.Option(help="Tokens per calibration sample.")]
+Seed = Annotated[int, typer.Option(help="Seed for calibration sampling.")]
+Sampling = Annotated[str, typer.Option(help="random (seeded) or strided.")]
+
+
+@app.command()
+def prune(
+    model: ModelArg = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: layerfold-out/<model>-<method>).")] = None,
+    method: Method = "slm",
+    threshold: Threshold = None,
+    target_layers: TargetLayers = None,
+    ratio: Ratio = None,
+    param_ratio: ParamRatio = None,
+    criterion: Criterion = None,
+    merge: Merge = None,
+    norms: Norms = None,
+    set_: SetOpt = None,
+    plan: Annotated[Path | None, typer.Option(help="Apply a saved plan.json instead of planning.")] = None,
+    calib_source: CalibSource = "books",
+    calib_samples: CalibSamples = 10,
+    calib_seq_len: CalibSeqLen = 128,
+    seed: Seed = 1234,
+    calib_sampling: Sampling = "random",
+    ppl: Annotated[str, typer.Option(help="Perplexity before and after, comma-separated sources ('' for none).")] = "ptb",
+    ppl_windows: Annotated[int, typer.Option(help="128-token windows per perplexity source.")] = 40,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+) -> None:
+    """Prune a model and save it as a plain Hugging Face folder (with plan.json and a model card)."""
+    from layerfold import api
+
+    target, options, calib = _planning(method, threshold, target_layers, ratio, param_ratio, criterion, merge,
+                                       norms, set_, calib_source, calib_samples, calib_seq_len, seed, calib_sampling)
+    loaded = api.load_model(model, dtype=dtype, device=device)
+    if out is None:
+        out = Path("layerfold-out") / f"{Path(loaded.source).name}-{method}"
+    report = api.prune(loaded, out, method=method, target=target, calibration=calib, options=options,
+                       plan=plan, overwrite=overwrite, ppl=_split(ppl), ppl_windows=ppl_windows)
+    _print_report(report)
+
+
+def _print_report(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(report.plan.summary())
+    table = Table(show_header=True)
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_row("decoder layers", str(report.layers_before), str(report.layers_after))
+    table.add_row("parameters", f"{report.params_before:,}", f"{report.params_after:,}")
+    for source, value in report.perplexity_before.items():
+        table.add_row(f"{source} perplexity (128 tok)", f"{value:.2f}", f"{report.perplexity_after[source]:.2f}")
+    console.print(table)
+    if report.out is not None:
+        console.print(f"saved to {report.out}  ({report.seconds:.1f} s)")
+
+
+@app.command("plan")
+def plan_cmd(
+    model: ModelArg = None,
+    out: Annotated[Path, typer.Option(help="Where to write the plan JSON.")] = Path("plan.json"),
+    method: Method = "slm",
+    threshold: Threshold = None,
+    target_layers: TargetLayers = None,
+    ratio: Ratio = None,
+    param_ratio: ParamRatio = None,
+    criterion: Criterion = None,
+    merge: Merge = None,
+    norms: Norms = None,
+    set_: SetOpt = None,
+    calib_source: CalibSource = "books",
+    calib_samples: CalibSamples = 10,
+    calib_seq_len: CalibSeqLen = 128,
+    seed: Seed = 1234,
+    calib_sampling: Sampling = "random",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing plan file.")] = False,
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+) -> None:
+    """Decide what to cut and write the plan as JSON, without changing the model (a dry run)."""
+    from layerfold import api
+
+    if out.exists() and not overwrite:
+        raise LayerfoldError(f"{out} exists: choose another --out or pass --overwrite")
+    target, options, calib = _planning(method, threshold, target_layers, ratio, param_ratio, criterion, merge,
+                                       norms, set_, calib_source, calib_samples, calib_seq_len, seed, calib_sampling)
+    loaded = api.load_model(model, dtype=dtype, device=device)
+    result = api.make_plan(loaded, method=method, target=target, calibration=calib, options=options)
+    api.save_plan(result, out)
+    typer.echo(result.plan.summary())
+    typer.echo(f"plan written to {out}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: ModelArg = None,
+    ppl: Annotated[str, typer.Option(help="Perplexity sources: wikitext2, ptb, lambada, or files.")] = "ptb",
+    seq_len: Annotated[int, typer.Option(help="Tokens per perplexity window (128 as the paper, or 2048).")] = 128,
+    bos: Annotated[bool, typer.Option(help="Put BOS first in every window.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+    max_windows: Annotated[int | None, typer.Option(help="Score only the first N windows.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+) -> None:
+    """Evaluate a model: fixed-length token perplexity (protocol printed)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from layerfold import api
+
+    loaded = api.load_model(model, dtype=dtype, device=device)
+    results = api.evaluate(loaded, ppl=_split(ppl), seq_len=seq_len, bos=bos, batch_size=batch_size,
+                           max_windows=max_windows)
+    table = Table("text", "perplexity", "protocol")
+    for source, r in results["perplexity"].items():
+        table.add_row(source, f"{r['perplexity']:.3f}", r["protocol"])
+    Console().print(f"{results['model']}: {results['layers']} layers, {results['parameters']:,} parameters")
+    Console().print(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+@app.command()
+def methods() -> None:
+    """List the registered methods and merge operators."""
+    import layerfold.methods  # noqa: F401
+    from layerfold.merge import MERGES
+    from layerfold.methods.base import METHODS
+
+    for name in METHODS.names():
+        doc = (METHODS.get(name).__doc__ or "").strip().splitlines()[0]
+        typer.echo(f"{name:18s} {doc}")
+    typer.echo("merge operators: " + ", ".join(MERGES.names()))
+
+
+def main() -> None:
+    try:
+        app()
+    except LayerfoldError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; nothing was written", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

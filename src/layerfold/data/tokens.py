@@ -1,0 +1,72 @@
+"""Deterministic token windows: N samples x T tokens from a text source."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from layerfold.errors import LayerfoldError
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Calibration set: ``samples`` windows of ``seq_len`` tokens from ``source``.
+
+    ``sampling="random"`` draws non-overlapping windows with ``seed``; ``"strided"`` takes the
+    windows starting at tokens 0, stride, 2*stride, ... (a fixed, seed-free protocol).
+    """
+
+    source: str = "books"
+    samples: int = 10
+    seq_len: int = 128
+    seed: int = 1234
+    sampling: str = "random"
+    stride: int = 5000
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.seq_len < 2:
+            raise LayerfoldError("calibration needs at least 1 sample of at least 2 tokens")
+        if self.sampling not in ("random", "strided"):
+            raise LayerfoldError(f"unknown sampling '{self.sampling}': random or strided")
+        if self.batch_size < 1:
+            raise LayerfoldError("batch size must be at least 1")
+
+    def describe(self) -> dict:
+        from layerfold.data.sources import source_description
+
+        return {"source": self.source, "description": source_description(self.source), "samples": self.samples,
+                "seq_len": self.seq_len, "seed": self.seed, "sampling": self.sampling,
+                **({"stride": self.stride} if self.sampling == "strided" else {})}
+
+
+def token_stream(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one 1-D tensor of token ids, no special tokens."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_windows(tokenizer, config: CalibrationConfig) -> torch.Tensor:
+    """``[samples, seq_len]`` token ids, the same for the same config and tokenizer."""
+    from layerfold.data.sources import load_text
+
+    stream = token_stream(tokenizer, load_text(config.source))
+    n, t = config.samples, config.seq_len
+    if config.sampling == "strided":
+        starts = [i * config.stride for i in range(n)]
+        if starts[-1] + t > len(stream):
+            raise LayerfoldError(f"{config.source} has {len(stream)} tokens: too few for {n} windows at stride "
+                                 f"{config.stride}")
+    else:
+        slots = len(stream) // t
+        if slots < n:
+            raise LayerfoldError(f"{config.source} has {len(stream)} tokens: too few for {n} windows of {t}")
+        gen = torch.Generator().manual_seed(config.seed)
+        starts = sorted((torch.randperm(slots, generator=gen)[:n] * t).tolist())
+    return torch.stack([stream[s:s + t] for s in starts])
+
+
+def tokens_hash(tokens: torch.Tensor) -> str:
+    return hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16]

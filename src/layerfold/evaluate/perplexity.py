@@ -1,0 +1,85 @@
+"""Fixed-length token perplexity, the protocol of depth-pruning papers.
+
+The text is tokenized once (no special tokens) and cut into consecutive non-overlapping
+windows of ``seq_len`` tokens (stride = ``seq_len``; the last partial window is dropped).
+Without BOS, each window's first token is context only and the other ``seq_len - 1`` are
+scored.  With BOS, a window holds BOS plus ``seq_len - 1`` text tokens, all scored.
+Perplexity = exp(mean token negative log-likelihood) over all scored tokens.  This differs
+from lm-evaluation-harness's ``wikitext`` task, which reports word perplexity over rolling
+windows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from layerfold.data.sources import load_text, source_description
+from layerfold.data.tokens import token_stream
+from layerfold.errors import LayerfoldError
+
+
+@dataclass
+class PerplexityResult:
+    source: str
+    perplexity: float
+    nll: float
+    tokens_scored: int
+    windows: int
+    seq_len: int
+    bos: bool
+    protocol: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def windows_from_stream(stream: torch.Tensor, seq_len: int, bos_id: int | None,
+                        max_windows: int | None = None) -> torch.Tensor:
+    text_len = seq_len - 1 if bos_id is not None else seq_len
+    n = len(stream) // text_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n < 1:
+        raise LayerfoldError(f"text has {len(stream)} tokens: fewer than one window of {seq_len}")
+    windows = stream[: n * text_len].view(n, text_len)
+    if bos_id is not None:
+        windows = torch.cat([torch.full((n, 1), bos_id, dtype=windows.dtype), windows], dim=1)
+    return windows
+
+
+@torch.no_grad()
+def perplexity_of_windows(model, windows: torch.Tensor, bos: bool, batch_size: int = 8,
+                          progress: bool = True, desc: str = "perplexity") -> tuple[float, int]:
+    """(mean NLL, tokens scored)."""
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for chunk in tqdm(torch.split(windows, batch_size), desc=desc, disable=not progress, leave=False):
+        chunk = chunk.to(device)
+        logits = model(input_ids=chunk, use_cache=False).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        nll = -logp.gather(-1, chunk[:, 1:, None]).squeeze(-1)
+        total_nll += float(nll.sum())
+        total_tokens += nll.numel()
+    return total_nll / total_tokens, total_tokens
+
+
+def perplexity(model, tokenizer, source: str, seq_len: int = 128, bos: bool = False, batch_size: int = 8,
+               max_windows: int | None = None, progress: bool = True) -> PerplexityResult:
+    if seq_len < 2:
+        raise LayerfoldError("--seq-len must be at least 2")
+    bos_id = None
+    if bos:
+        bos_id = tokenizer.bos_token_id
+        if bos_id is None:
+            raise LayerfoldError("this tokenizer has no BOS token; run without --bos")
+    stream = token_stream(tokenizer, load_text(source))
+    windows = windows_from_stream(stream, seq_len, bos_id, max_windows)
+    nll, scored = perplexity_of_windows(model, windows, bos, batch_size, progress, desc=f"perplexity {source}")
+    protocol = (f"{source_description(source)}; {len(windows)} non-overlapping windows of {seq_len} tokens"
+                f"{' (BOS first)' if bos else ', no BOS'}; exp(mean NLL) over {scored} tokens")
+    return PerplexityResult(source=source, perplexity=math.exp(nll), nll=nll, tokens_scored=scored,
+                            windows=len(windows), seq_len=seq_len, bos=bos, protocol=protocol)

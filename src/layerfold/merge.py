@@ -1,0 +1,93 @@
+"""Merge operators: turn one window of consecutive layers into the weights of one layer.
+
+``layers[0]`` is the window's base (its lowest layer, whose position the fused layer takes);
+``layers[-1]`` is its top.  Every parameter of the layer takes part, biases included.
+Normalisation parameters follow ``norms``: ``"base"`` keeps the base layer's, ``"merge"``
+applies the operator to them too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from layerfold.errors import LayerfoldError
+from layerfold.models.arch import norm_parameter_names
+from layerfold.registry import Registry
+
+MERGES: Registry = Registry("merge operator")
+NORM_POLICIES = ("base", "merge")
+
+
+def _accumulate(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.detach().to(torch.float32) for t in tensors]
+
+
+@MERGES.register("diff")
+def merge_diff(values: list[torch.Tensor], scale: float = 1.0) -> torch.Tensor:
+    """The paper (SLM, arXiv 2502.19159, eq. 4): theta_base + scale * sum_k (theta_k - theta_base)."""
+    base, *others = _accumulate(values)
+    out = base.clone()
+    for t in others:
+        out += scale * (t - base)
+    return out
+
+
+@MERGES.register("mean")
+def merge_mean(values: list[torch.Tensor], scale: float = 1.0) -> torch.Tensor:
+    """Plain average of the window (model-soup style)."""
+    return torch.stack(_accumulate(values)).mean(0)
+
+
+@MERGES.register("reference")
+def merge_reference(values: list[torch.Tensor], scale: float = 1.0) -> torch.Tensor:
+    """The authors' released code: its in-place loop leaves the top layer's weights
+    (norms are the base's, see :func:`merge_window`)."""
+    return values[-1].detach().to(torch.float32).clone()
+
+
+@MERGES.register("base")
+def merge_keep_base(values: list[torch.Tensor], scale: float = 1.0) -> torch.Tensor:
+    """Keep the base layer as it is: the window's upper layers are simply removed."""
+    return values[0].detach().to(torch.float32).clone()
+
+
+def merge_window(layers: Sequence[nn.Module], operator: str = "diff", norms: str = "base",
+                 scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """State dict (relative to one layer) of the fused layer."""
+    if len(layers) < 2:
+        raise LayerfoldError("a merge window needs at least two layers")
+    if norms not in NORM_POLICIES:
+        raise LayerfoldError(f"unknown norm policy '{norms}': choose one of {', '.join(NORM_POLICIES)}")
+    fn = MERGES.get(operator)
+    states = [dict(layer.named_parameters()) for layer in layers]
+    names = list(states[0])
+    for i, st in enumerate(states[1:], 1):
+        if list(st) != names or any(st[n].shape != states[0][n].shape for n in names):
+            raise LayerfoldError(f"layers 0 and {i} of the window differ in structure; they cannot be merged")
+    norm_names = norm_parameter_names(layers[0])
+    keep_base_norms = norms == "base" or operator == "reference"
+    merged: dict[str, torch.Tensor] = {}
+    for name in names:
+        values = [st[name] for st in states]
+        if name in norm_names and keep_base_norms:
+            out = values[0].detach().to(torch.float32).clone()
+        else:
+            out = fn(values, scale=scale)
+        merged[name] = out.to(values[0].dtype)
+    return merged
+
+
+def build_fused_layer(layers: Sequence[nn.Module], operator: str = "diff", norms: str = "base",
+                      scale: float = 1.0) -> nn.Module:
+    """A new layer module (a copy of the base's structure) carrying the merged weights."""
+    import copy
+
+    fused = copy.deepcopy(layers[0])
+    state = merge_window(layers, operator=operator, norms=norms, scale=scale)
+    with torch.no_grad():
+        for name, param in fused.named_parameters():
+            param.copy_(state[name])
+    return fused

@@ -1,0 +1,87 @@
+"""Load a causal LM: a hub id, a local folder, or (no name) the embedded default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from layerfold.errors import LayerfoldError, did_you_mean
+from layerfold.models.arch import Architecture, architecture_for
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    arch: Architecture
+    source: str  # what the user asked for (or the default's name)
+    path: str  # where it was loaded from
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LayerfoldError(f"--device {device} asked for, but no CUDA device is available")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise LayerfoldError(f"unknown device '{device}': use cpu, cuda, cuda:N or auto") from exc
+
+
+def resolve_dtype(dtype: str | torch.dtype):
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise did_you_mean(dtype, list(DTYPES), "dtype")
+    return DTYPES[dtype]
+
+
+def resolve_source(name_or_path: str | None) -> tuple[str, str]:
+    """(label, loadable path or hub id)."""
+    if name_or_path in (None, "", "default"):
+        from layerfold.models.default import DEFAULT_MODEL_NAME, default_model_dir
+
+        return DEFAULT_MODEL_NAME, str(default_model_dir())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise LayerfoldError(f"{path} has no config.json: not a Hugging Face model folder")
+        return str(name_or_path), str(path)
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local:
+        raise LayerfoldError(f"model path {name_or_path} does not exist")
+    return name_or_path, name_or_path
+
+
+def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "float32",
+               device: str = "cpu") -> LoadedModel:
+    """Load a causal LM and its tokenizer; checks the architecture is supported."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    label, path = resolve_source(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as exc:
+        raise LayerfoldError(f"cannot load model '{label}': not a local folder, and the hub said: "
+                             f"{str(exc).splitlines()[0]}") from exc
+    arch = architecture_for(config)
+    target_device = resolve_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
+    except ValueError as exc:
+        raise LayerfoldError(f"'{label}' is not a causal language model: {str(exc).splitlines()[0]}") from exc
+    model.to(target_device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, source=label, path=path)
+
+
+def wrap_model(model: torch.nn.Module, tokenizer=None, source: str = "in-memory") -> LoadedModel:
+    """Wrap an in-memory transformers model for the API."""
+    return LoadedModel(model=model, tokenizer=tokenizer, arch=architecture_for(model.config), source=source,
+                       path=source)

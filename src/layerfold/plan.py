@@ -1,0 +1,147 @@
+"""The Plan: what to cut, decided by a method, applied by :mod:`layerfold.surgery`.
+
+A plan is plain data (JSON): an ordered list of operations on the original layer indices,
+with the scores that justified each, plus the provenance needed to reproduce it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from layerfold.errors import LayerfoldError
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class Operation:
+    """``fuse``: replace layers ``lo..hi`` (inclusive, consecutive) by one layer at ``lo``;
+    ``drop``: remove layer ``lo`` (``hi == lo``)."""
+
+    kind: Literal["fuse", "drop"]
+    lo: int
+    hi: int
+    score: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return list(range(self.lo, self.hi + 1))
+
+    @property
+    def removed(self) -> int:
+        return self.hi - self.lo + 1 if self.kind == "drop" else self.hi - self.lo
+
+
+@dataclass
+class Plan:
+    method: str
+    num_layers: int  # before
+    operations: list[Operation]
+    model: str = ""
+    architecture: str = ""
+    merge: dict[str, Any] = field(default_factory=dict)  # operator name and options, for fuse ops
+    criterion: str | None = None
+    threshold: float | None = None
+    target: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    scores: dict[str, Any] = field(default_factory=dict)  # method-wide scores (e.g. per-layer importance)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def num_layers_after(self) -> int:
+        return self.num_layers - sum(op.removed for op in self.operations)
+
+    @property
+    def removed_layers(self) -> int:
+        return self.num_layers - self.num_layers_after
+
+    def validate(self) -> None:
+        used: set[int] = set()
+        for op in self.operations:
+            if op.kind not in ("fuse", "drop"):
+                raise LayerfoldError(f"plan: unknown operation '{op.kind}' (fuse or drop)")
+            if not 0 <= op.lo <= op.hi < self.num_layers:
+                raise LayerfoldError(f"plan: layers {op.lo}..{op.hi} outside 0..{self.num_layers - 1}")
+            if op.kind == "fuse" and op.hi == op.lo:
+                raise LayerfoldError(f"plan: fuse window {op.lo}..{op.hi} has one layer; nothing to fuse")
+            overlap = used.intersection(op.layers)
+            if overlap:
+                raise LayerfoldError(f"plan: layer {min(overlap)} appears in two operations")
+            used.update(op.layers)
+        if self.num_layers_after < 1:
+            raise LayerfoldError("plan removes every layer")
+
+    def kept_sources(self) -> list[int]:
+        """For each layer of the pruned model, the original index it comes from (a fused
+        layer is placed where its window's base, the lowest layer, was)."""
+        gone: set[int] = set()
+        for op in self.operations:
+            gone.update(op.layers if op.kind == "drop" else op.layers[1:])
+        return [i for i in range(self.num_layers) if i not in gone]
+
+    def windows(self) -> list[tuple[int, int]]:
+        return [(op.lo, op.hi) for op in self.operations if op.kind == "fuse"]
+
+    def summary(self) -> str:
+        parts = [f"fuse {op.lo}-{op.hi}" if op.kind == "fuse" else f"drop {op.lo}" for op in self.operations]
+        return f"{self.method}: {self.num_layers} -> {self.num_layers_after} layers ({'; '.join(parts) or 'no change'})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=_json_default)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Plan:
+        if raw.get("version", PLAN_VERSION) > PLAN_VERSION:
+            raise LayerfoldError(f"plan version {raw['version']} is newer than this layerfold understands")
+        raw = dict(raw)
+        raw["operations"] = [Operation(**op) for op in raw.get("operations", [])]
+        known = set(cls.__dataclass_fields__)
+        unknown = set(raw) - known
+        if unknown:
+            raise LayerfoldError(f"plan: unknown fields {sorted(unknown)}")
+        return cls(**raw)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        p = Path(path)
+        if not p.is_file():
+            raise LayerfoldError(f"plan file {p} does not exist")
+        try:
+            raw = json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise LayerfoldError(f"plan file {p} is not valid JSON: {exc}") from exc
+        return cls.from_dict(raw)
+
+
+def _json_default(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def library_versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    import layerfold
+
+    return {"layerfold": layerfold.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
