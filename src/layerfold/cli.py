@@ -205,6 +205,9 @@ def methods() -> None:
 
 
 def main() -> None:
+    from layerfold.commands import register_all
+
+    register_all(app)
     try:
         app()
     except LayerfoldError as exc:
