@@ -20,7 +20,14 @@ from layerfold.plan import Plan
 from layerfold.surgery import apply_plan as _apply_plan
 from layerfold.surgery import save_model
 
-__all__ = ["LoadedModel", "PruneReport", "apply_plan", "evaluate", "load_model", "make_plan", "prune"]
+__all__ = ["LoadedModel", "PruneReport", "analyze", "apply_plan", "evaluate", "load_model", "make_plan", "prune"]
+
+
+def analyze(*args, **kwargs):
+    """Layer x layer similarity matrices and heatmaps; see :func:`layerfold.report.analysis.analyze`."""
+    from layerfold.report.analysis import analyze as _analyze
+
+    return _analyze(*args, **kwargs)
 
 TENSORS_FILE = "plan.tensors.safetensors"
 
@@ -174,15 +181,38 @@ The full plan is in `plan.json`; `layerfold prune {loaded.source} --plan plan.js
 {ppl}"""
 
 
-def evaluate(model: LoadedModel | str | None = None, ppl: tuple[str, ...] = ("ptb",), seq_len: int = 128,
-             bos: bool = False, batch_size: int = 8, max_windows: int | None = None, progress: bool = True) -> dict:
-    """Perplexity on each source; returns a JSON-ready dict with the protocol of each."""
+def evaluate(model: LoadedModel | str | None = None, ppl: tuple[str, ...] | None = None, seq_len: int = 128,
+             bos: bool = False, batch_size: int = 8, max_windows: int | None = None, progress: bool = True,
+             tasks: str | tuple[str, ...] | list[str] | None = None, limit: int | None = None,
+             hub: bool = False) -> dict:
+    """Perplexity on each source and zero-shot accuracy on ``tasks``; a JSON-ready dict with the protocols.
+
+    ``ppl`` defaults to PTB when no zero-shot task is asked for, else to none.  ``tasks`` takes
+    task or group names (``"zeroshot7"``, ``"boolq,piqa"``), scored through
+    lm-evaluation-harness (offline unless ``hub``); ``limit`` keeps the first N documents of
+    each task; ``batch_size`` serves both perplexity windows and harness requests.
+    """
     from layerfold.evaluate.perplexity import perplexity
 
+    if tasks:
+        from layerfold.evaluate.zeroshot import resolve_tasks
+
+        resolve_tasks(tasks)  # fail on a bad name before any work
+    if ppl is None:
+        ppl = () if tasks else ("ptb",)
     loaded = _as_loaded(model)
     results = {}
     for source in ppl:
         results[source] = perplexity(loaded.model, loaded.tokenizer, source, seq_len=seq_len, bos=bos,
                                      batch_size=batch_size, max_windows=max_windows, progress=progress).to_dict()
-    return {"model": loaded.source, "layers": len(loaded.arch.layer_list(loaded.model)),
-            "parameters": parameter_count(loaded.model), "perplexity": results}
+    layers = len(loaded.arch.layer_list(loaded.model))
+    report = {"model": loaded.source, "layers": layers, "parameters": parameter_count(loaded.model),
+              "perplexity": results}
+    if tasks:
+        from layerfold.evaluate.zeroshot import evaluate_zeroshot
+
+        describe = {"model": loaded.source, "layers": layers, "parameters": report["parameters"]}
+        report["zeroshot"] = evaluate_zeroshot(loaded.model, loaded.tokenizer, tasks, limit=limit,
+                                               batch_size=batch_size, hub=hub, describe=describe,
+                                               progress=progress)
+    return report

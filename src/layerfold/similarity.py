@@ -53,8 +53,12 @@ def linear_kernel(x: torch.Tensor) -> torch.Tensor:
 
 def rbf_kernel(x: torch.Tensor) -> torch.Tensor:
     sq = torch.cdist(x, x).pow(2)
-    positive = sq[sq > 0]
-    median = positive.median() if positive.numel() else torch.tensor(1.0, dtype=x.dtype)
+    # median over the pairs i < j: cdist's diagonal holds rounding noise (not always 0), which
+    # a `sq > 0` filter let into the median, breaking the kernel's invariance to scale
+    rows, cols = torch.triu_indices(x.shape[0], x.shape[0], offset=1, device=x.device)
+    pairs = sq[rows, cols]
+    median = pairs.median() if pairs.numel() else torch.tensor(0.0, dtype=x.dtype)
+    median = median if median > 0 else torch.tensor(1.0, dtype=x.dtype, device=x.device)
     return torch.exp(-sq / (2 * median))  # 2 sigma^2 = 2 x median squared distance
 
 
