@@ -90,11 +90,11 @@ def _to(value, device):
 
 
 def capture(model: nn.Module, arch: Architecture, tokens: torch.Tensor, batch_size: int = 8,
-            store_device: str | torch.device = "cpu", progress: bool = True) -> LayerCache:
+            store_device: str | torch.device | None = None, progress: bool = True) -> LayerCache:
     """One forward pass over ``tokens`` ([N, T]) recording each layer's inputs and arguments."""
     layers = arch.layer_list(model)
     n_layers = len(layers)
-    store = torch.device(store_device)
+    store = torch.device(store_device) if store_device is not None else _default_store(model, tokens, n_layers)
     cache = LayerCache(model=model, arch=arch, tokens=tokens, store_device=store,
                        inputs=[[] for _ in range(n_layers + 1)], extras=[[] for _ in range(n_layers)])
     handles = []
@@ -129,6 +129,14 @@ def capture(model: nn.Module, arch: Architecture, tokens: torch.Tensor, batch_si
         for h in handles:
             h.remove()
     return cache
+
+
+def _default_store(model: nn.Module, tokens: torch.Tensor, n_layers: int, limit_gib: float = 4.0) -> torch.device:
+    """Keep activations beside the model when they are small (no host round trips), else on the CPU."""
+    param = next(model.parameters())
+    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", 0)
+    size = tokens.numel() * hidden * (n_layers + 1) * param.element_size()
+    return param.device if param.device.type != "cpu" and size < limit_gib * 2**30 else torch.device("cpu")
 
 
 def _detach(value):

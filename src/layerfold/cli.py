@@ -39,12 +39,15 @@ def _options(pairs: list[str] | None, **given) -> dict:
 def _planning(method, threshold, target_layers, ratio, param_ratio, criterion, merge, norms, set_,
               calib_source, calib_samples, calib_seq_len, seed, calib_sampling):
     from layerfold.data.tokens import CalibrationConfig
-    from layerfold.methods.base import Target
+    from layerfold.methods.base import Target, make_method
 
+    if target_layers is not None and target_layers < 1:
+        raise LayerfoldError(f"--target-layers must be at least 1, got {target_layers}")
     target = Target(layers=target_layers, ratio=ratio, param_ratio=param_ratio)
     if not target.given and threshold is None and method == "slm":
         target = Target(ratio=0.2)
     options = _options(set_, threshold=threshold, criterion=criterion, merge=merge, norms=norms)
+    make_method(method, options)  # unknown method or option: fail before loading the model
     calib = CalibrationConfig(source=calib_source, samples=calib_samples, seq_len=calib_seq_len, seed=seed,
                               sampling=calib_sampling)
     return target, options, calib
@@ -86,7 +89,8 @@ def prune(
     calib_seq_len: CalibSeqLen = 128,
     seed: Seed = 1234,
     calib_sampling: Sampling = "random",
-    ppl: Annotated[str, typer.Option(help="Perplexity before and after, comma-separated sources ('' for none).")] = "ptb",
+    ppl: Annotated[str, typer.Option(
+        help="Perplexity before and after, comma-separated sources ('' for none).")] = "ptb",
     ppl_windows: Annotated[int, typer.Option(help="128-token windows per perplexity source.")] = 40,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     dtype: Dtype = "float32",
@@ -97,12 +101,22 @@ def prune(
 
     target, options, calib = _planning(method, threshold, target_layers, ratio, param_ratio, criterion, merge,
                                        norms, set_, calib_source, calib_samples, calib_seq_len, seed, calib_sampling)
+    if plan is not None and not plan.is_file():
+        raise LayerfoldError(f"plan file {plan} does not exist")
+    _check_out(out, overwrite)
     loaded = api.load_model(model, dtype=dtype, device=device)
     if out is None:
         out = Path("layerfold-out") / f"{Path(loaded.source).name}-{method}"
+        _check_out(out, overwrite)
     report = api.prune(loaded, out, method=method, target=target, calibration=calib, options=options,
                        plan=plan, overwrite=overwrite, ppl=_split(ppl), ppl_windows=ppl_windows)
     _print_report(report)
+
+
+def _check_out(out: Path | None, overwrite: bool) -> None:
+    """Refuse an existing output folder before any work is done."""
+    if out is not None and out.exists() and not overwrite:
+        raise LayerfoldError(f"output folder {out} exists: choose another --out or pass --overwrite")
 
 
 def _print_report(report) -> None:
@@ -163,29 +177,51 @@ def plan_cmd(
 @app.command("eval")
 def eval_cmd(
     model: ModelArg = None,
-    ppl: Annotated[str, typer.Option(help="Perplexity sources: wikitext2, ptb, lambada, or files.")] = "ptb",
+    ppl: Annotated[str | None, typer.Option(
+        help="Perplexity sources: wikitext2, ptb, lambada, or files ('' for none; default: ptb, "
+             "or none when --tasks is given).")] = None,
+    tasks: Annotated[str | None, typer.Option(
+        help="Zero-shot tasks through lm-evaluation-harness, offline: zeroshot7 (boolq, piqa, hellaswag, "
+             "winogrande, arc_easy, arc_challenge, openbookqa), zeroshot7_val, extra (sciq, social_iqa, copa, "
+             "commonsense_qa), or a comma list.")] = None,
+    limit: Annotated[int | None, typer.Option(
+        help="Zero-shot: score only the first N documents of each task (a smoke test).")] = None,
+    hub: Annotated[bool, typer.Option(
+        help="Zero-shot: use lm-eval's built-in tasks and the hub's data instead of the offline copies.")] = False,
     seq_len: Annotated[int, typer.Option(help="Tokens per perplexity window (128 as the paper, or 2048).")] = 128,
     bos: Annotated[bool, typer.Option(help="Put BOS first in every window.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+    batch_size: Annotated[int, typer.Option(
+        help="Perplexity windows, or harness requests, per forward pass.")] = 8,
     max_windows: Annotated[int | None, typer.Option(help="Score only the first N windows.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the results (with their protocol) as JSON here.")] = None,
     dtype: Dtype = "float32",
     device: Device = "cpu",
 ) -> None:
-    """Evaluate a model: fixed-length token perplexity (protocol printed)."""
+    """Evaluate a model: fixed-length token perplexity and zero-shot accuracy (protocol recorded)."""
     from rich.console import Console
     from rich.table import Table
 
     from layerfold import api
 
+    if tasks:
+        from layerfold.evaluate.zeroshot import resolve_tasks
+
+        resolve_tasks(tasks)
     loaded = api.load_model(model, dtype=dtype, device=device)
-    results = api.evaluate(loaded, ppl=_split(ppl), seq_len=seq_len, bos=bos, batch_size=batch_size,
-                           max_windows=max_windows)
-    table = Table("text", "perplexity", "protocol")
-    for source, r in results["perplexity"].items():
-        table.add_row(source, f"{r['perplexity']:.3f}", r["protocol"])
-    Console().print(f"{results['model']}: {results['layers']} layers, {results['parameters']:,} parameters")
-    Console().print(table)
+    results = api.evaluate(loaded, ppl=None if ppl is None else _split(ppl), seq_len=seq_len, bos=bos,
+                           batch_size=batch_size, max_windows=max_windows, tasks=tasks, limit=limit, hub=hub)
+    console = Console()
+    console.print(f"{results['model']}: {results['layers']} layers, {results['parameters']:,} parameters")
+    if results["perplexity"]:
+        table = Table("text", "perplexity", "protocol")
+        for source, r in results["perplexity"].items():
+            table.add_row(source, f"{r['perplexity']:.3f}", r["protocol"])
+        console.print(table)
+    if "zeroshot" in results:
+        from layerfold.evaluate.zeroshot import zeroshot_table
+
+        console.print(zeroshot_table(results["zeroshot"]))
+        console.print(f"zero-shot took {results['zeroshot']['seconds']:.0f} s")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
@@ -204,18 +240,25 @@ def methods() -> None:
     typer.echo("merge operators: " + ", ".join(MERGES.names()))
 
 
+_commands_registered = False
+
+
 def main() -> None:
+    global _commands_registered
     from layerfold.commands import register_all
 
-    register_all(app)
+    if not _commands_registered:  # main() may run more than once in a process (tests, notebooks)
+        register_all(app)
+        _commands_registered = True
     try:
         app()
     except LayerfoldError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted; nothing was written", err=True)
-        sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130:  # typer turns Ctrl-C into exit code 130; saves are atomic
+            typer.echo("interrupted; nothing was written", err=True)
+        raise
 
 
 if __name__ == "__main__":

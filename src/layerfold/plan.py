@@ -7,6 +7,7 @@ with the scores that justified each, plus the provenance needed to reproduce it.
 from __future__ import annotations
 
 import json
+import numbers
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,10 +67,18 @@ class Plan:
         return self.num_layers - self.num_layers_after
 
     def validate(self) -> None:
+        if not _is_int(self.num_layers) or self.num_layers < 1:
+            raise LayerfoldError(f"plan: num_layers must be a positive integer, got {self.num_layers!r}")
+        if not isinstance(self.operations, list):
+            raise LayerfoldError("plan: operations must be a list")
         used: set[int] = set()
         for op in self.operations:
             if op.kind not in ("fuse", "drop"):
                 raise LayerfoldError(f"plan: unknown operation '{op.kind}' (fuse or drop)")
+            if not (_is_int(op.lo) and _is_int(op.hi)):
+                raise LayerfoldError(f"plan: layer indices must be integers, got {op.lo!r}..{op.hi!r}")
+            if op.lo > op.hi:
+                raise LayerfoldError(f"plan: layers {op.lo}..{op.hi} run backwards (lo must not exceed hi)")
             if not 0 <= op.lo <= op.hi < self.num_layers:
                 raise LayerfoldError(f"plan: layers {op.lo}..{op.hi} outside 0..{self.num_layers - 1}")
             if op.kind == "fuse" and op.hi == op.lo:
@@ -107,15 +116,20 @@ class Plan:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Plan:
+        if not isinstance(raw, dict):
+            raise LayerfoldError("plan: expected a JSON object")
         if raw.get("version", PLAN_VERSION) > PLAN_VERSION:
             raise LayerfoldError(f"plan version {raw['version']} is newer than this layerfold understands")
-        raw = dict(raw)
-        raw["operations"] = [Operation(**op) for op in raw.get("operations", [])]
-        known = set(cls.__dataclass_fields__)
-        unknown = set(raw) - known
+        unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
             raise LayerfoldError(f"plan: unknown fields {sorted(unknown)}")
-        return cls(**raw)
+        missing = {"method", "num_layers"} - set(raw)
+        if missing:
+            raise LayerfoldError(f"plan: missing fields {sorted(missing)}")
+        ops = raw.get("operations", [])
+        if not isinstance(ops, list):
+            raise LayerfoldError("plan: operations must be a list")
+        return cls(**{**raw, "operations": [_operation(i, op) for i, op in enumerate(ops, 1)]})
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -129,10 +143,20 @@ class Plan:
         return cls.from_dict(raw)
 
 
+def _operation(number: int, raw) -> Operation:
+    fields = set(Operation.__dataclass_fields__)
+    if not isinstance(raw, dict) or not {"kind", "lo", "hi"} <= set(raw) <= fields:
+        raise LayerfoldError(f"plan: operation {number} must be an object with kind, lo, hi "
+                             f"(and optionally score, detail), got {raw!r}")
+    return Operation(**raw)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy ints too
+
+
 def _json_default(obj):
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "tolist"):
+    if hasattr(obj, "tolist"):  # tensors and numpy values, scalars or not
         return obj.tolist()
     return str(obj)
 

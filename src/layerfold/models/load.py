@@ -65,19 +65,26 @@ def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "floa
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     label, path = resolve_source(name_or_path)
+    local = Path(path).is_dir()
+    torch_dtype, target_device = resolve_dtype(dtype), resolve_device(device)
     try:
         config = AutoConfig.from_pretrained(path)
-    except OSError as exc:
-        raise LayerfoldError(f"cannot load model '{label}': not a local folder, and the hub said: "
-                             f"{str(exc).splitlines()[0]}") from exc
+    except (OSError, ValueError) as exc:  # ValueError: a config.json without a known model_type
+        where = "its config.json cannot be used" if local else "not a local folder, and the hub said"
+        raise LayerfoldError(f"cannot load model '{label}': {where}: {_first_line(exc)}") from exc
     arch = architecture_for(config)
-    target_device = resolve_device(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise LayerfoldError(f"cannot load the tokenizer of '{label}' (a model folder needs its tokenizer "
+                             f"files): {_first_line(exc)}") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except ValueError as exc:
-        raise LayerfoldError(f"'{label}' is not a causal language model: {str(exc).splitlines()[0]}") from exc
+        raise LayerfoldError(f"'{label}' is not a causal language model: {_first_line(exc)}") from exc
+    except OSError as exc:  # no weights file
+        raise LayerfoldError(f"cannot load the weights of '{label}': {_first_line(exc)}") from exc
     model.to(target_device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
     return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, source=label, path=path)
 
 
@@ -85,3 +92,7 @@ def wrap_model(model: torch.nn.Module, tokenizer=None, source: str = "in-memory"
     """Wrap an in-memory transformers model for the API."""
     return LoadedModel(model=model, tokenizer=tokenizer, arch=architecture_for(model.config), source=source,
                        path=source)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

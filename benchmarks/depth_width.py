@@ -1,0 +1,195 @@
+"""Depth only, width only, and depth plus width at the same parameter budget, on the embedded
+SmolLM2-135M (CPU).
+
+For each overall budget P (share of ALL parameters removed, embeddings included) the model is
+pruned at every split D in --splits (D = share of the removed parameters taken by depth:
+0 = width only, 1 = depth only), through ``layerfold.width.depth_width_prune(split="auto")``,
+which prunes a copy per split and keeps the lowest loss on held-out calibration windows;
+every candidate is also scored here on the evaluation sets so that the table shows all
+splits and which one the calibration loss picked (the evaluation sets never steer a choice).
+
+Measured: perplexity = exp(mean token NLL) over the first 60 non-overlapping 128-token windows
+(no BOS) of WikiText-2 raw test and PTB test (lines joined by spaces), float32, CPU.
+No recovery training.  Depth: --method (default slm) with ``Target(param_ratio=D * P)``;
+width: wanda-sp importance, whole KV groups, uniform widths, MLP width a multiple of 8.
+
+    LAYERFOLD_WIKITEXT2=/work/shared/data/wikitext-2-raw/wiki.test.raw \\
+        python benchmarks/depth_width.py --out benchmarks/results/depth_width
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from layerfold import api
+from layerfold.data.tokens import CalibrationConfig
+from layerfold.evaluate.perplexity import perplexity
+from layerfold.models.arch import parameter_count
+from layerfold.width import depth_width_prune, shrink
+
+SOURCES = ("wikitext2", "ptb")
+
+
+def machine() -> dict:
+    import transformers
+
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines()[:10]
+    except OSError:
+        lscpu = []
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "lscpu_head": lscpu}
+
+
+def evaluate(loaded, windows: int) -> dict[str, float]:
+    return {s: perplexity(loaded.model, loaded.tokenizer, s, seq_len=128, max_windows=windows,
+                          progress=False).perplexity for s in SOURCES}
+
+
+def row_of(loaded, before: int, label: str, windows: int, **extra) -> dict:
+    params = parameter_count(loaded.model)
+    cfg = loaded.model.config
+    row = {"label": label, "layers": len(loaded.arch.layer_list(loaded.model)), "params": params,
+           "removed": round(1 - params / before, 4), "intermediate_size": cfg.intermediate_size,
+           "heads": f"{cfg.num_attention_heads}/{cfg.num_key_value_heads}", **extra}
+    start = time.perf_counter()
+    row["perplexity"] = evaluate(loaded, windows)
+    row["eval_seconds"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def run_budget(base, ratio: float, splits: list[float], method: str, calib: CalibrationConfig, held_out: int,
+               windows: int, before: int) -> dict:
+    rows: list[dict] = []
+
+    def on_candidate(cand, trial) -> None:
+        rows.append(row_of(trial, before, f"split {cand.split}", windows, split=cand.split,
+                           heldout_nll=round(cand.heldout_nll, 4),
+                           seconds_since_start=round(time.perf_counter() - start, 1)))
+
+    loaded = copy.deepcopy(base)
+    start = time.perf_counter()
+    result = depth_width_prune(loaded, ratio, split="auto", method=method, calibration=calib, splits=splits,
+                               held_out=held_out, progress=False, on_candidate=on_candidate)
+    errors = [{"split": c.split, "error": c.error} for c in result.candidates if c.error]
+    return {"param_ratio": ratio, "chosen_split": result.split, "rows": rows, "errors": errors,
+            "depth_plan": result.depth.plan.summary() if result.depth else None,
+            "total_seconds": round(time.perf_counter() - start, 1)}
+
+
+def width_variants(base, ratio: float, calib: CalibrationConfig, windows: int, before: int,
+                   variants: list[str]) -> list[dict]:
+    """Width only at the same budget with other importances / attention modes (for the docs)."""
+    rows = []
+    for variant in variants:
+        importance, attention = variant.split(":")
+        loaded = copy.deepcopy(base)
+        shrink(loaded, params=round(ratio * before), calibration=calib, importance=importance, attention=attention,
+               progress=False)
+        rows.append(row_of(loaded, before, f"width only, {importance}, attention {attention}", windows,
+                           importance=importance, attention=attention, param_ratio=ratio))
+    return rows
+
+
+def markdown(record: dict) -> str:
+    m = record["machine"]
+    lines = [
+        "# Depth, width, and depth plus width at one parameter budget (SmolLM2-135M, CPU)", "",
+        "What is measured: perplexity = exp(mean token NLL) over the first "
+        f"{record['windows']} non-overlapping 128-token windows (no BOS, float32) of WikiText-2 raw test and "
+        "PTB test (lines joined by spaces). No recovery training. Budgets are shares of ALL parameters "
+        "(embeddings included, tied embeddings counted once). `split` = share of the removed parameters taken "
+        "by depth (0: width only, 1: depth only); depth rounds up to whole layers, width takes the rest. "
+        f"Depth: `{record['method']}` (default options) planned with `Target(param_ratio=split * P)`; width: "
+        "wanda-sp importance, whole KV groups, one width for all layers, kept MLP width a multiple of 8. "
+        f"Calibration: {record['calibration']['samples']} x {record['calibration']['seq_len']} tokens of "
+        f"`{record['calibration']['source']}` (seed {record['calibration']['seed']}); the split marked **auto** is "
+        f"the one `--split auto` picks: lowest NLL on {record['held_out']} held-out windows of the same "
+        "calibration source (evaluation sets never steer a choice).", "",
+        f"Command: `{record['command']}`", "",
+        f"Machine: {m['platform']}, {m['cpu_count']} CPUs (shared), torch {m['torch']}, transformers "
+        f"{m['transformers']}, python {m['python']}.", "",
+        "```", *m["lscpu_head"], "```", "",
+        "| budget | split | layers | heads (q/kv) | MLP width | params | removed | held-out NLL | WikiText-2 | PTB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    d = record["dense"]
+    lines.append(f"| dense | - | {d['layers']} | {d['heads']} | {d['intermediate_size']} | {d['params']:,} | 0 | "
+                 f"{record['dense_heldout_nll']:.4f} | {d['perplexity']['wikitext2']:.1f} | "
+                 f"{d['perplexity']['ptb']:.1f} |")
+    for budget in record["budgets"]:
+        for r in budget["rows"]:
+            auto = " **auto**" if r["split"] == budget["chosen_split"] else ""
+            name = {0.0: " (width only)", 1.0: " (depth only)"}.get(r["split"], "")
+            lines.append(f"| {budget['param_ratio']:.0%} | {r['split']}{name}{auto} | {r['layers']} | {r['heads']} | "
+                         f"{r['intermediate_size']} | {r['params']:,} | {r['removed']:.1%} | {r['heldout_nll']:.4f} | "
+                         f"{r['perplexity']['wikitext2']:.1f} | {r['perplexity']['ptb']:.1f} |")
+        for e in budget["errors"]:
+            lines.append(f"| {budget['param_ratio']:.0%} | {e['split']} | - | - | - | - | - | {e['error']} | - | - |")
+    if record.get("variants"):
+        lines += ["", "Width only, other importances and attention modes (same budgets):", "",
+                  "| budget | importance | attention | heads (q/kv) | MLP width | removed | WikiText-2 | PTB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in record["variants"]:
+            lines.append(f"| {r['param_ratio']:.0%} | {r['importance']} | {r['attention']} | {r['heads']} | "
+                         f"{r['intermediate_size']} | {r['removed']:.1%} | {r['perplexity']['wikitext2']:.1f} | "
+                         f"{r['perplexity']['ptb']:.1f} |")
+    lines += ["", f"Total wall time {record['seconds']:.0f} s on a CPU shared with other jobs (timings not "
+              "comparable).", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratios", default="0.2,0.35")
+    parser.add_argument("--splits", default="0,0.25,0.5,0.75,1")
+    parser.add_argument("--method", default="slm")
+    parser.add_argument("--windows", type=int, default=60)
+    parser.add_argument("--held-out", type=int, default=16)
+    parser.add_argument("--variants", default="flap:groups,taylor:groups,wanda-sp:off,wanda-sp:query-heads",
+                        help="width-only variants importance:attention ('' for none)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/depth_width"))
+    args = parser.parse_args()
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    base = api.load_model()
+    calib = CalibrationConfig()
+    before = parameter_count(base.model)
+    from layerfold.evaluate.perplexity import perplexity_of_windows
+    from layerfold.width import held_out_windows
+
+    heldout = held_out_windows(base.tokenizer, calib, args.held_out)
+    record = {"command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]), "machine": machine(),
+              "method": args.method, "windows": args.windows, "held_out": args.held_out,
+              "calibration": calib.describe(),
+              "dense_heldout_nll": perplexity_of_windows(base.model, heldout, bos=False, progress=False)[0],
+              "dense": row_of(base, before, "dense", args.windows), "budgets": [], "variants": []}
+    splits = [float(s) for s in args.splits.split(",")]
+    ratios = [float(r) for r in args.ratios.split(",")]
+    for ratio in ratios:
+        record["budgets"].append(run_budget(base, ratio, splits, args.method, calib, args.held_out, args.windows,
+                                            before))
+    variants = [v for v in args.variants.split(",") if v]
+    for ratio in ratios:
+        record["variants"] += width_variants(base, ratio, calib, args.windows, before, variants)
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(record))
+    print(markdown(record))
+
+
+if __name__ == "__main__":
+    main()

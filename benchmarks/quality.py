@@ -1,0 +1,192 @@
+"""Quality benchmark: every method at 20% and 35% of decoder layers on the embedded model.
+
+Calibration as the paper: 10 x 128 tokens of book text (the LAMBADA calibration half), seed
+1234, never overlapping evaluation text.  For each method and ratio it records pruning wall
+time, perplexity (WikiText-2 and PTB test at 128 and 2048 tokens, LAMBADA evaluation half at
+128, PTB *valid* at 128: the validation figure on which layerfold's defaults are chosen),
+and the seven-task zero-shot average through lm-evaluation-harness (with and without BoolQ).
+
+Each row is appended to ``--out`` as one JSON line the moment it is done, so a run cut short
+keeps what it finished.  ``--budget-s`` skips zero-shot for rows started after that many
+seconds (their perplexities are still measured).
+
+    python benchmarks/quality.py --device cuda --out results.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+
+import torch
+
+from layerfold import api
+from layerfold.data.tokens import CalibrationConfig, sample_windows
+from layerfold.evaluate.perplexity import perplexity
+from layerfold.methods.base import Target
+
+# name -> (method, options); the first block are SLM variants, then the baselines
+CONFIGS: dict[str, tuple[str, dict]] = {
+    "slm": ("slm", {}),
+    "slm-paper": ("slm-paper", {}),
+    "slm-reference": ("slm-reference", {}),
+    "slm-paper/cka-linear": ("slm-paper", {"criterion": "cka-linear"}),
+    "slm-paper/cka-rbf": ("slm-paper", {"criterion": "cka-rbf"}),
+    "slm-paper/angular": ("slm-paper", {"criterion": "angular"}),
+    "slm-paper/mean": ("slm-paper", {"merge": "mean"}),
+    "slm-paper/base": ("slm-paper", {"merge": "base"}),
+    "slm-paper/diff+fit": ("slm-paper", {"fit": "ridge"}),
+    "slm/optimal+base": ("slm", {"selection": "optimal", "merge": "base", "fit": "none"}),
+    "slm/optimal+base+fit": ("slm", {"selection": "optimal", "merge": "base", "fit": "ridge"}),
+    "slm/optimal+diff+fit": ("slm", {"selection": "optimal", "merge": "diff", "fit": "ridge"}),
+    "slm/optimal+mean+fit": ("slm", {"selection": "optimal", "merge": "mean", "fit": "ridge"}),
+    "slm/greedy+base": ("slm", {"selection": "greedy", "merge": "base", "fit": "none"}),
+    "slm/greedy+base+fit": ("slm", {"selection": "greedy", "merge": "base", "fit": "ridge"}),
+    "slm/greedy+mean+fit": ("slm", {"selection": "greedy", "merge": "mean", "fit": "ridge"}),
+    "slm/greedy-loss+base+fit": ("slm", {"selection": "greedy", "criterion": "loss", "merge": "base", "fit": "ridge"}),
+    "shortgpt": ("shortgpt", {}),
+    "angular": ("angular", {}),
+    "laco": ("laco", {}),
+    "sleb": ("sleb", {}),
+    "shortened-ppl": ("shortened-ppl", {}),
+    "shortened-taylor": ("shortened-taylor", {}),
+    "last-n": ("last-n", {}),
+}
+PPL = [("wikitext2", 128), ("ptb", 128), ("lambada", 128), ("ptb-valid", 128), ("wikitext2", 2048), ("ptb", 2048)]
+
+
+def measure(loaded, args, zeroshot: bool = False, lengths: tuple[int, ...] = (128,)) -> dict:
+    row: dict = {}
+    for source, seq_len in PPL:
+        if seq_len not in lengths:
+            continue
+        try:
+            r = perplexity(loaded.model, loaded.tokenizer, source, seq_len, batch_size=args.batch_size,
+                           max_windows=args.ppl_windows if seq_len == 128 else args.ppl_windows_long, progress=False)
+            row[f"ppl/{source}@{seq_len}"] = r.perplexity
+        except Exception as exc:  # a missing source must not lose the row
+            row[f"ppl/{source}@{seq_len}"] = None
+            row.setdefault("errors", []).append(f"{source}@{seq_len}: {exc}")
+    if zeroshot:
+        from layerfold.evaluate.zeroshot import evaluate_zeroshot
+
+        zs = evaluate_zeroshot(loaded.model, loaded.tokenizer, "zeroshot7", limit=args.zs_limit,
+                               batch_size=args.zs_batch, progress=False)
+        row["zeroshot"] = {n: t["value"] for n, t in zs["tasks"].items()}
+        row["zeroshot_samples"] = {n: t["samples"] for n, t in zs["tasks"].items()}
+        row["zs/mean"] = zs["summary"].get("mean")
+        row["zs/mean_without_boolq"] = zs["summary"].get("mean_without_boolq")
+        row["zs_seconds"] = zs["seconds"]
+    return row
+
+
+BASELINES = ["shortgpt", "sleb", "angular", "laco", "shortened-ppl", "shortened-taylor", "last-n"]
+ALWAYS_ZEROSHOT = ["slm", "slm-paper", "slm-reference", *BASELINES]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ratios", default="0.2,0.35")
+    parser.add_argument("--configs", default="all")
+    parser.add_argument("--zeroshot-configs", default="auto",
+                        help="'auto' (slm, slm-paper, slm-reference, the baselines, and the two SLM variants with "
+                             "the best PTB-valid perplexity), 'none', or a comma list")
+    parser.add_argument("--zs-limit", type=int, default=None)
+    parser.add_argument("--zs-batch", type=int, default=64)
+    parser.add_argument("--ppl-windows", type=int, default=None, help="128-token windows per source (all)")
+    parser.add_argument("--ppl-windows-long", type=int, default=None, help="2048-token windows per source (all)")
+    parser.add_argument("--long", action="store_true", help="2048-token perplexity for the zero-shot rows")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--calib-samples", type=int, default=10)
+    parser.add_argument("--calib-source", default="books")
+    parser.add_argument("--budget-s", type=float, default=float("inf"), help="no zero-shot started after this")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    base = api.load_model(args.model, device=args.device)
+    n = len(base.arch.layer_list(base.model))
+    calib = CalibrationConfig(source=args.calib_source, samples=args.calib_samples, seq_len=128, seed=1234)
+    tokens = sample_windows(base.tokenizer, calib)
+    names = list(CONFIGS) if args.configs == "all" else [c for c in args.configs.split(",") if c != "none"]
+    ratios = [float(r) for r in args.ratios.split(",")]
+    env = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+           "torch": torch.__version__, "calibration": calib.describe()}
+
+    def emit(row: dict) -> None:
+        row = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+        with open(args.out, "a") as fh:
+            fh.write(json.dumps({**row, **env}, default=float) + "\n")
+        print(json.dumps({k: v for k, v in row.items() if k.startswith(("config", "ratio", "ppl/ptb-valid", "zs/m",
+                                                                         "layers", "error"))}), flush=True)
+
+    # phase 1: plan, apply, perplexity for every configuration
+    plans: dict[tuple[str, float], object] = {}
+    valid: dict[str, list[float]] = {}
+    if names:
+        emit({"config": "dense", "ratio": 0.0, "layers": n, "phase": "ppl", **measure(base, args, False)})
+    for name in names:
+        method, options = CONFIGS[name]
+        for ratio in ratios:
+            loaded = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            try:
+                result = api.make_plan(loaded, method, Target(ratio=ratio), calib, options, progress=False,
+                                       tokens=tokens)
+            except Exception as exc:
+                emit({"config": name, "ratio": ratio, "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            plans[(name, ratio)] = result
+            api.apply_plan(loaded, result)
+            row = measure(loaded, args, False)
+            valid.setdefault(name, []).append(row.get("ppl/ptb-valid@128") or float("inf"))
+            emit({"config": name, "ratio": ratio, "layers": result.plan.num_layers_after, "phase": "ppl",
+                  "plan": result.plan.summary(), "prune_seconds": seconds, **row})
+            del loaded
+    # phase 2: zero-shot for the configurations that matter, chosen on validation perplexity only
+    if args.zeroshot_configs == "none":
+        return
+    if args.zeroshot_configs == "auto":
+        variants = sorted((sum(math.log(v) for v in vals) / len(vals), name) for name, vals in valid.items()
+                          if name.startswith("slm/") or name.startswith("slm-paper/"))
+        chosen = ["dense", *[c for c in ALWAYS_ZEROSHOT if c in names], *[name for _, name in variants[:2]]]
+    else:
+        chosen = args.zeroshot_configs.split(",")
+    print(json.dumps({"zeroshot_for": chosen}), flush=True)
+    for name in chosen:
+        for ratio in ([0.0] if name == "dense" else ratios):
+            if time.perf_counter() - start > args.budget_s:
+                print(json.dumps({"skipped_zeroshot": name, "ratio": ratio}), flush=True)
+                continue
+            loaded = copy.deepcopy(base)
+            layers = n
+            if name != "dense":
+                if (name, ratio) not in plans:
+                    method, options = CONFIGS[name]
+                    plans[(name, ratio)] = api.make_plan(loaded, method, Target(ratio=ratio), calib, options,
+                                                         progress=False, tokens=tokens)
+                api.apply_plan(loaded, plans[(name, ratio)])
+                layers = plans[(name, ratio)].plan.num_layers_after
+            from layerfold.evaluate.zeroshot import evaluate_zeroshot
+
+            zs = evaluate_zeroshot(loaded.model, loaded.tokenizer, "zeroshot7", limit=args.zs_limit,
+                                   batch_size=args.zs_batch, progress=False)
+            long = measure(loaded, args, False, lengths=(2048,)) if args.long else {}
+            emit({"config": name, "ratio": ratio, "layers": layers, "phase": "zeroshot", **long,
+                  "zeroshot": {t: r["value"] for t, r in zs["tasks"].items()},
+                  "zeroshot_samples": {t: r["samples"] for t, r in zs["tasks"].items()},
+                  "zs/mean": zs["summary"].get("mean"),
+                  "zs/mean_without_boolq": zs["summary"].get("mean_without_boolq"),
+                  "zs_seconds": zs["seconds"]})
+            del loaded
+
+
+if __name__ == "__main__":
+    main()

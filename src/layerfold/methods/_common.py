@@ -1,0 +1,116 @@
+"""Helpers shared by the depth-pruning baselines: calibration loss from cached layer
+inputs, layer-by-layer reruns, and plans made of dropped layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from layerfold.calibrate import LayerCache
+from layerfold.errors import LayerfoldError
+from layerfold.plan import Operation
+
+Hidden = list[torch.Tensor]  # one tensor per calibration batch, as in LayerCache.inputs
+
+_LOGIT_ROWS = 2048  # tokens per lm-head chunk: bounds the logits' memory on large vocabularies
+
+
+def batch_targets(cache: LayerCache) -> list[torch.Tensor]:
+    """The calibration token ids split as the cached batches are."""
+    sizes = [h.shape[0] for h in cache.inputs[0]]
+    return list(torch.split(cache.tokens, sizes))
+
+
+def layer_input(cache: LayerCache, i: int) -> torch.Tensor:
+    """Hidden states entering layer ``i`` on all samples (``i == L``: the last layer's output),
+    ``[N, T, H]`` on CPU."""
+    return torch.cat([h.cpu() for h in cache.inputs[i]])
+
+
+def output_head(cache: LayerCache) -> nn.Module:
+    head = cache.model.get_output_embeddings()
+    if head is None:
+        raise LayerfoldError(f"{type(cache.model).__name__} has no output embeddings (lm head): "
+                             "a loss-based method cannot score it")
+    return head
+
+
+def nll_sum(cache: LayerCache, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token negative log-likelihood of ``targets`` ([B, T]) given the last layer's
+    output ``hidden`` ([B, T, H], before the final norm), and the number of tokens scored.
+
+    The model's own final norm and lm head are applied (and its final logit soft-capping, where
+    the config has one), so the figure is the model's calibration loss."""
+    norm = cache.arch.final_norm_module(cache.model)
+    head = output_head(cache)
+    softcap = getattr(cache.model.config, "final_logit_softcapping", None)
+    states = norm(hidden)[:, :-1].reshape(-1, hidden.shape[-1])
+    labels = targets[:, 1:].reshape(-1).to(states.device)
+    total = states.new_zeros((), dtype=torch.float32)
+    for start in range(0, states.shape[0], _LOGIT_ROWS):
+        logits = head(states[start:start + _LOGIT_ROWS]).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        total = total + nn.functional.cross_entropy(logits, labels[start:start + _LOGIT_ROWS], reduction="sum")
+    return total, labels.numel()
+
+
+@torch.no_grad()
+def calibration_loss(cache: LayerCache, outputs: Hidden) -> float:
+    """Mean next-token NLL on the calibration tokens, from the last layer's per-batch outputs."""
+    total, count = 0.0, 0
+    for h, targets in zip(outputs, batch_targets(cache), strict=True):
+        s, n = nll_sum(cache, h.to(cache.device), targets)
+        total += float(s)
+        count += n
+    return total / count
+
+
+def original_modules(cache: LayerCache, indices: Sequence[int]) -> list[tuple[nn.Module, int]]:
+    layers = cache.layers
+    return [(layers[i], i) for i in indices]
+
+
+def loss_without(cache: LayerCache, hidden: Hidden, above: Sequence[int]) -> float:
+    """Calibration loss when ``hidden`` enters the original layers ``above`` (and nothing else)."""
+    outs = cache.run(0, original_modules(cache, above), hidden=hidden) if above else hidden
+    return calibration_loss(cache, outs)
+
+
+def rerun_inputs(cache: LayerCache, kept: Sequence[int], start: int, first: Hidden) -> list[Hidden]:
+    """Inputs of every kept layer from position ``start`` up (and the last output), given the
+    input ``first`` of position ``start``; stored like the cache's."""
+    hidden = [first]
+    for i in kept[start:]:
+        outs = cache.run(0, [(cache.layers[i], i)], hidden=hidden[-1])
+        hidden.append([o.to(cache.store_device) for o in outs])
+    return hidden
+
+
+def lowest(scores: dict[int, float], n: int, candidates: Sequence[int] | None = None) -> list[int]:
+    """The ``n`` keys with the smallest scores (ties to the lower index), sorted."""
+    pool = list(scores) if candidates is None else list(candidates)
+    if n > len(pool):
+        raise LayerfoldError(f"only {len(pool)} layers can be removed here, {n} asked for")
+    return sorted(sorted(pool, key=lambda i: (scores[i], i))[:n])
+
+
+def drop_ops(layers: Sequence[int], scores: dict[int, float] | None = None,
+             detail: dict[int, dict] | None = None) -> list[Operation]:
+    scores = scores or {}
+    detail = detail or {}
+    return [Operation("drop", i, i, score=scores.get(i), detail=detail.get(i, {})) for i in sorted(layers)]
+
+
+def check_candidates(name: str, num_layers: int, keep_first: int, keep_last: int, remove: int) -> list[int]:
+    """Layers a method may remove when the first ``keep_first`` and last ``keep_last`` stay."""
+    if keep_first < 0 or keep_last < 0:
+        raise LayerfoldError(f"{name}: keep_first and keep_last must be 0 or more")
+    candidates = list(range(keep_first, num_layers - keep_last))
+    if remove > len(candidates):
+        raise LayerfoldError(f"{name}: {remove} layers to remove, but only {len(candidates)} of {num_layers} may go "
+                             f"when the first {keep_first} and last {keep_last} are kept; lower keep_first/keep_last "
+                             "or ask for fewer")
+    return candidates

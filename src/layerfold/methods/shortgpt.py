@@ -1,0 +1,32 @@
+"""ShortGPT (Men et al. 2024, "ShortGPT: Layers in Large Language Models are More Redundant
+Than You Expect", arXiv 2403.03853).
+
+Block Influence of layer i: BI_i = 1 - mean over calibration tokens of cos(x_i, x_{i+1}), with
+x_i the hidden state entering layer i and x_{i+1} the one leaving it (the last layer's output
+is taken before the final norm).  The n layers of lowest BI are removed, all at once.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from layerfold.methods._common import drop_ops, layer_input, lowest
+from layerfold.methods.base import Method, PlanContext, PlanResult, register
+from layerfold.similarity import cosine
+
+
+@register
+class ShortGPT(Method):
+    """ShortGPT (Men et al. 2024): drop the layers of lowest Block Influence, 1 - cos(input, output)."""
+
+    name: ClassVar[str] = "shortgpt"
+
+    def plan(self, ctx: PlanContext) -> PlanResult:
+        remove = self.required_removal(ctx)
+        cache = ctx.cache
+        influence = {i: 1.0 - cosine(layer_input(cache, i), layer_input(cache, i + 1)) for i in range(cache.num_layers)}
+        chosen = lowest(influence, remove)
+        plan = ctx.new_plan(self.name, drop_ops(chosen, influence), criterion="block-influence",
+                            scores={"block_influence": [influence[i] for i in range(cache.num_layers)],
+                                    "removed": chosen})
+        return PlanResult(plan)

@@ -1,0 +1,81 @@
+"""The healing recipe: one validated configuration, recorded in ``heal.json``.
+
+Defaults follow the recovery recipe of the SLM paper, which takes LLM-Pruner's: LoRA of
+rank 8, alpha 16, dropout 0.05 on every linear projection of the decoder layers, learning
+rate 1e-4, 2 epochs, 256-token blocks, an effective batch of 64 (4 per step times 16
+accumulated), linear decay after a warm-up of 100 steps (here capped at a tenth of the run,
+so that a short run still decays).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from layerfold.errors import LayerfoldError
+
+# Fields that change what is trained: a checkpoint can only be resumed under the same values.
+TRAINING_FIELDS = ("data", "rank", "alpha", "dropout", "lr", "epochs", "cutoff", "batch_size", "grad_accum",
+                   "max_steps", "max_tokens", "warmup_steps", "weight_decay", "max_grad_norm", "seed", "distill",
+                   "temperature", "kl_weight", "ce_weight", "hidden_weight")
+
+
+class HealConfig(BaseModel):
+    """How to heal a pruned model (LoRA fine-tuning, optionally distilling from a teacher)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = "books"
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    lr: float = Field(1e-4, gt=0)
+    epochs: float = Field(2.0, gt=0)
+    cutoff: int = Field(256, ge=2)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(16, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 1234
+    # distillation: teacher model (path or hub id; "default" = the embedded model); None = plain LoRA
+    distill: str | None = None
+    temperature: float = Field(1.0, gt=0)
+    kl_weight: float = Field(1.0, ge=0)
+    ce_weight: float = Field(0.0, ge=0)
+    hidden_weight: float = Field(0.0, ge=0)
+    # bookkeeping (free to change between an interrupted run and its resumption)
+    checkpoint_every: int = Field(50, ge=0)
+    eval_sources: tuple[str, ...] = ("ptb",)
+    eval_windows: int | None = Field(40, ge=1)
+    eval_seq_len: int = Field(128, ge=2)
+    eval_batch_size: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HealConfig:
+        if self.max_steps is not None and self.max_tokens is not None:
+            raise ValueError("give only one of max_steps and max_tokens")
+        if self.distill is None and (self.hidden_weight > 0 or self.ce_weight > 0):
+            raise ValueError("hidden_weight and ce_weight weigh distillation terms: they need --distill")
+        if self.distill is not None and self.kl_weight + self.ce_weight + self.hidden_weight == 0:
+            raise ValueError("distillation with every loss weight at zero trains nothing")
+        return self
+
+    @property
+    def mode(self) -> str:
+        return "distill" if self.distill is not None else "lora"
+
+    def training_fingerprint(self) -> dict:
+        return {k: getattr(self, k) for k in TRAINING_FIELDS}
+
+
+def make_config(**options) -> HealConfig:
+    """Build a :class:`HealConfig`, turning validation errors into one-line user errors."""
+    try:
+        return HealConfig(**options)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        where = f"option '{loc}': " if loc else ""
+        raise LayerfoldError(f"heal: {where}{first['msg'].removeprefix('Value error, ')}") from exc

@@ -1,0 +1,199 @@
+"""The ``layerfold`` command on bad input: exit code 2, one ``error:`` line, nothing written;
+a failed save leaves nothing half-written; and one tiny prune end to end.
+
+The CLI runs in-process through :func:`layerfold.cli.main` (the real entry point, which
+turns user errors into exit code 2), so no interpreter start-up is paid per case.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_json
+
+from layerfold import cli
+
+CALIB = ["--ppl", "", "--calib-samples", "2", "--calib-seq-len", "16"]
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    path = tmp_path / "calib.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    return path
+
+
+@pytest.fixture
+def run(monkeypatch, capsys, tmp_path):
+    """``run(*args)`` -> (exit code, stdout, stderr), with the working folder in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+
+    def invoke(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["layerfold", *map(str, args)])
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return invoke
+
+
+def assert_user_error(result: tuple[int, str, str], pattern: str) -> None:
+    code, out, err = result
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2, (out, err)
+    assert len(errors) == 1, err
+    assert pattern in errors[0], errors[0]
+    assert "Traceback" not in err
+
+
+def nothing_written(folder: Path, out_name: str) -> bool:
+    """No ``out_name`` folder and no leftover temporary sibling of it."""
+    return not any(p.name == out_name or p.name.startswith(f".{out_name}.") for p in folder.iterdir())
+
+
+def test_missing_model_path(run, tmp_path):
+    result = run("prune", tmp_path / "no-such-model", "--out", tmp_path / "out")
+    assert_user_error(result, "does not exist")
+    assert nothing_written(tmp_path, "out")
+
+
+def test_folder_without_config(run, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_user_error(run("prune", tmp_path / "empty", "--out", tmp_path / "out"), "has no config.json")
+    assert nothing_written(tmp_path, "out")
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"model_type": "bert", "hidden_size": 32}, "unsupported architecture 'bert'"),
+    ({"model_type": "t5"}, "unsupported architecture 't5'"),
+    ({"hidden_size": 32}, "config.json cannot be used"),
+])
+def test_config_not_a_supported_causal_lm(config, message, run, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    write_json(folder / "config.json", config)
+    assert_user_error(run("prune", folder, "--out", tmp_path / "out"), message)
+    assert nothing_written(tmp_path, "out")
+
+
+def test_folder_without_tokenizer(run, tmp_path, tiny_model):
+    folder = tmp_path / "model"
+    tiny_model("llama").save_pretrained(folder)
+    assert_user_error(run("prune", folder, "--out", tmp_path / "out"), "tokenizer")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--threshold", "2"], "--threshold must be a similarity between -1 and 1"),
+    (["--target-layers", "0"], "--target-layers must be at least 1"),
+    (["--target-layers", "6"], "--target-layers must be between 1 and 5"),
+    (["--target-layers", "9"], "--target-layers must be between 1 and 5"),
+    (["--ratio", "1.5"], "--ratio must be between 0 and 1"),
+    (["--target-layers", "4", "--ratio", "0.5"], "give only one of"),
+    (["--method", "slmm"], "Did you mean 'slm'"),
+    (["--merge", "meen", "--target-layers", "4"], "Did you mean 'mean'"),
+    (["--set", "colour=red"], "option 'colour'"),
+    (["--plan", "missing-plan.json"], "plan file missing-plan.json does not exist"),
+])
+def test_bad_options(args, message, run, tmp_path, tiny_model_dir, text_file):
+    out = tmp_path / "out"
+    result = run("prune", tiny_model_dir("llama"), "--out", out, "--calib-source", text_file, *CALIB, *args)
+    assert_user_error(result, message)
+    assert nothing_written(tmp_path, "out")
+
+
+def test_existing_out_is_kept_without_overwrite(run, tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    assert_user_error(run("prune", tiny_model_dir("llama"), "--out", out, "--target-layers", "4"),
+                      "exists: choose another --out or pass --overwrite")
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}")
+    assert_user_error(run("plan", tiny_model_dir("llama"), "--out", plan, "--target-layers", "4"), "exists")
+    assert plan.read_text() == "{}"
+
+
+def _break_save(monkeypatch, exc: BaseException) -> None:
+    """Make save_pretrained write part of its output, then fail."""
+    from transformers import PreTrainedModel
+
+    def failing_save(self, folder, *args, **kwargs):
+        Path(folder, "config.json").write_text("{}")
+        raise exc
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", failing_save)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_failed_save_leaves_nothing_half_written(overwrite, run, monkeypatch, tmp_path, tiny_model_dir,
+                                                 text_file):
+    out = tmp_path / "out"
+    if overwrite:
+        out.mkdir()
+        (out / "old.txt").write_text("previous result")
+    model_dir = tiny_model_dir("llama")
+    _break_save(monkeypatch, OSError("No space left on device"))
+    args = ["prune", model_dir, "--out", out, "--target-layers", "4", "--calib-source", text_file,
+            *CALIB, *(["--overwrite"] if overwrite else [])]
+    with pytest.raises(OSError, match="No space left"):
+        run(*args)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert leftovers == []
+    if overwrite:  # the previous folder is untouched
+        assert [p.name for p in out.iterdir()] == ["old.txt"]
+    else:
+        assert not out.exists()
+
+
+def test_interrupted_save(run, monkeypatch, tmp_path, tiny_model_dir, text_file):
+    model_dir = tiny_model_dir("llama")
+    _break_save(monkeypatch, KeyboardInterrupt())
+    code, _, err = run("prune", model_dir, "--out", tmp_path / "out", "--target-layers", "4",
+                       "--calib-source", text_file, *CALIB)
+    assert code == 130
+    assert "interrupted; nothing was written" in err
+    assert nothing_written(tmp_path, "out")
+
+
+def test_prune_plan_and_reapply_end_to_end(run, tmp_path, tiny_model_dir, text_file):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model_dir("qwen2")
+    out = tmp_path / "out"
+    code, stdout, err = run("prune", model_dir, "--out", out, "--target-layers", "4", "--calib-source", text_file,
+                            *CALIB)
+    assert code == 0, err
+    assert "6 -> 4 layers" in stdout
+    assert {"config.json", "model.safetensors", "plan.json", "README.md", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()}
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4 and len(config["layer_types"]) == 4
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["num_layers"] == 6 and plan["target"] == {"layers": 4}
+    assert plan["calibration"]["source"] == str(text_file)
+
+    # the dry run writes the same plan; the saved plan applied again gives the same weights
+    code, _, err = run("plan", model_dir, "--out", tmp_path / "dry.json", "--target-layers", "4",
+                       "--calib-source", text_file, "--calib-samples", "2", "--calib-seq-len", "16")
+    assert code == 0, err
+    dry = json.loads((tmp_path / "dry.json").read_text())
+    assert dry["operations"] == plan["operations"]
+    code, _, err = run("prune", model_dir, "--plan", out / "plan.json", "--out", tmp_path / "again", "--ppl", "")
+    assert code == 0, err
+    first = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    second = AutoModelForCausalLM.from_pretrained(tmp_path / "again").state_dict()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+    # a plan for another depth is refused
+    assert_user_error(run("prune", out, "--plan", out / "plan.json", "--out", tmp_path / "x", "--ppl", ""),
+                      "plan is for 6 layers, the model has 4")

@@ -1,0 +1,149 @@
+"""Merge operators checked on the weights, against formulas computed here independently."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerfold.errors import LayerfoldError
+from layerfold.merge import build_fused_layer, merge_window
+from layerfold.models.arch import architecture_for, norm_parameter_names
+from layerfold.plan import Operation, Plan
+from layerfold.surgery import apply_plan
+
+# one family with biases everywhere (OPT), one with q/k/v biases (Qwen2), one with per-head
+# q/k norms inside attention (Qwen3), one with GPT-2's Conv1D and ln_1/ln_2, one with (1 + w) norms
+MERGE_ARCHS = ["opt", "qwen2", "qwen3", "gpt2", "gemma3"]
+
+
+def _is_norm_name(name: str) -> bool:
+    """Norm parameters told apart by name, independently of layerfold's module-type test."""
+    owner = name.rsplit(".", 1)[0]
+    return "norm" in owner or owner.startswith("ln_")
+
+
+def _window(model, lo: int, hi: int):
+    layers = architecture_for(model.config).layer_list(model)
+    return [layers[i] for i in range(lo, hi + 1)]
+
+
+def _params(layers) -> list[dict[str, torch.Tensor]]:
+    return [{n: p.detach().clone() for n, p in layer.named_parameters()} for layer in layers]
+
+
+@pytest.mark.parametrize("name", MERGE_ARCHS)
+def test_norm_parameters_are_found(name, tiny_model):
+    layer = _window(tiny_model(name), 0, 0)[0]
+    names = [n for n, _ in layer.named_parameters()]
+    expected = {n for n in names if _is_norm_name(n)}
+    assert expected, "the tiny model should have norm parameters"
+    assert norm_parameter_names(layer) == expected
+
+
+@pytest.mark.parametrize("name", MERGE_ARCHS)
+@pytest.mark.parametrize("norms", ["base", "merge"])
+def test_diff_is_base_plus_sum_of_differences(name, norms, tiny_model):
+    model = tiny_model(name)
+    window = _window(model, 1, 4)
+    params = _params(window)
+    merged = merge_window(window, operator="diff", norms=norms)
+    assert set(merged) == set(params[0])
+    biases = [n for n in merged if n.endswith("bias") and not _is_norm_name(n)]
+    if name in ("opt", "qwen2", "gpt2"):
+        assert biases, "this family has biases; they must take part"
+    for pname, value in merged.items():
+        base = params[0][pname]
+        if _is_norm_name(pname) and norms == "base":
+            expected = base
+        else:
+            expected = base + sum(p[pname] - base for p in params[1:])
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=pname)
+    # the window's layers are not modified
+    for layer, before in zip(window, params, strict=True):
+        for pname, p in layer.named_parameters():
+            assert torch.equal(p, before[pname])
+
+
+@pytest.mark.parametrize("name", MERGE_ARCHS)
+@pytest.mark.parametrize("norms", ["base", "merge"])
+def test_mean(name, norms, tiny_model):
+    window = _window(tiny_model(name), 2, 4)
+    params = _params(window)
+    merged = merge_window(window, operator="mean", norms=norms)
+    for pname, value in merged.items():
+        if _is_norm_name(pname) and norms == "base":
+            expected = params[0][pname]
+        else:
+            expected = sum(p[pname] for p in params) / len(params)
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=pname)
+
+
+@pytest.mark.parametrize("name", MERGE_ARCHS)
+@pytest.mark.parametrize("norms", ["base", "merge"])
+def test_reference_is_top_weights_with_base_norms(name, norms, tiny_model):
+    """The authors' code leaves the top layer's linear weights and keeps the base's norms,
+    whatever the norm policy asks."""
+    window = _window(tiny_model(name), 0, 3)
+    params = _params(window)
+    merged = merge_window(window, operator="reference", norms=norms)
+    for pname, value in merged.items():
+        expected = params[0][pname] if _is_norm_name(pname) else params[-1][pname]
+        assert torch.equal(value, expected), pname
+
+
+@pytest.mark.parametrize("name", MERGE_ARCHS)
+def test_two_layer_diff_window_is_the_top_layer_except_norms(name, tiny_model):
+    window = _window(tiny_model(name), 3, 4)
+    base, top = _params(window)
+    fused = build_fused_layer(window, operator="diff", norms="base")
+    assert fused is not window[0]
+    for pname, p in fused.named_parameters():
+        expected = base[pname] if _is_norm_name(pname) else top[pname]
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6, msg=pname)
+
+
+def test_diff_scale(tiny_model):
+    window = _window(tiny_model("qwen2"), 0, 2)
+    params = _params(window)
+    merged = merge_window(window, operator="diff", norms="merge", scale=0.5)
+    for pname, value in merged.items():
+        base = params[0][pname]
+        expected = base + 0.5 * sum(p[pname] - base for p in params[1:])
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_keeps_dtype_and_accumulates_in_float32(tiny_model):
+    model = tiny_model("llama").to(torch.bfloat16)
+    window = _window(model, 0, 4)
+    params = [{n: p.float() for n, p in d.items()} for d in _params(window)]
+    merged = merge_window(window, operator="mean", norms="merge")
+    for pname, value in merged.items():
+        assert value.dtype == torch.bfloat16
+        expected = (sum(p[pname] for p in params) / len(params)).to(torch.bfloat16)
+        assert torch.equal(value, expected), pname
+
+
+def test_surgery_uses_the_plans_merge_and_per_operation_override(tiny_model):
+    model = tiny_model("opt")
+    window_a = _params(_window(model, 0, 1))
+    window_b = _params(_window(model, 3, 5))
+    plan = Plan(method="manual", num_layers=6, merge={"operator": "mean", "norms": "merge"},
+                operations=[Operation("fuse", 0, 1), Operation("fuse", 3, 5, detail={"merge": "reference"})])
+    apply_plan(model, plan)
+    layers = architecture_for(model.config).layer_list(model)
+    assert len(layers) == 3
+    for pname, p in layers[0].named_parameters():
+        torch.testing.assert_close(p.detach(), (window_a[0][pname] + window_a[1][pname]) / 2)
+    for pname, p in layers[2].named_parameters():
+        expected = window_b[0][pname] if _is_norm_name(pname) else window_b[-1][pname]
+        assert torch.equal(p.detach(), expected), pname
+
+
+def test_merge_errors(tiny_model):
+    window = _window(tiny_model("llama"), 0, 1)
+    with pytest.raises(LayerfoldError, match="at least two layers"):
+        merge_window(window[:1])
+    with pytest.raises(LayerfoldError, match="norm policy"):
+        merge_window(window, norms="average")
+    with pytest.raises(LayerfoldError, match="Did you mean 'mean'"):
+        merge_window(window, operator="meen")

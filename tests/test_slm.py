@@ -1,0 +1,145 @@
+"""The SLM engine: same decisions as the naive loop, exact target sizes, plan round trip."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from layerfold import api
+from layerfold.errors import LayerfoldError
+from layerfold.methods.base import Target
+from layerfold.models.load import wrap_model
+
+_spec = importlib.util.spec_from_file_location("naive_slm", Path(__file__).parents[1] / "benchmarks" / "naive_slm.py")
+naive = importlib.util.module_from_spec(_spec)
+sys.modules["naive_slm"] = naive
+_spec.loader.exec_module(naive)
+
+
+def tiny_llama(layers: int = 8, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                   bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    # make neighbouring layers similar, as in trained models, so windows of several sizes occur
+    layers_ = model.model.layers
+    with torch.no_grad():
+        for i in range(1, layers):
+            for p, q in zip(layers_[i].parameters(), layers_[i - 1].parameters(), strict=True):
+                p.mul_(0.3).add_(0.7 * q)
+    return model
+
+
+def tokens(n: int = 4, t: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 128, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def engine_windows(model, toks, threshold, merge="diff"):
+    result = api.make_plan(wrap_model(model), "slm",
+                           options={"threshold": threshold, "merge": merge, "selection": "sliding"},
+                           tokens=toks, progress=False)
+    return sorted(result.plan.windows()), result
+
+
+@pytest.mark.parametrize("merge", ["diff", "reference"])
+def test_engine_takes_the_naive_loops_decisions(merge):
+    model = tiny_llama()
+    toks = tokens()
+    sims = []
+    for threshold in (0.999, 0.99, 0.95, 0.8):
+        expected, _ = naive.naive_slm(model, toks, threshold, merge=merge)
+        got, result = engine_windows(model, toks, threshold, merge)
+        assert got == expected, f"threshold {threshold}"
+        sims.append(len(got))
+    assert len(set(sims)) > 1, "thresholds should make different plans, else the test shows nothing"
+
+
+@pytest.mark.parametrize("keep", [7, 5, 3, 1])
+@pytest.mark.parametrize("selection", ["sliding", "greedy", "optimal"])
+def test_target_search_hits_every_reachable_size(keep, selection):
+    model = tiny_llama()
+    options = {"selection": selection, "max_window": 8}
+    result = api.make_plan(wrap_model(model), "slm", Target(layers=keep), options=options,
+                           tokens=tokens(), progress=False)
+    assert result.plan.num_layers_after == keep
+    pruned = api.apply_plan(copy.deepcopy(model), result)
+    assert len(pruned.model.layers) == keep
+    assert pruned.config.num_hidden_layers == keep
+
+
+def test_ratio_and_param_ratio_targets():
+    model = tiny_llama(layers=10)
+    r = api.make_plan(wrap_model(model), "slm", Target(ratio=0.3), tokens=tokens(), progress=False)
+    assert r.plan.num_layers_after == 7
+    r = api.make_plan(wrap_model(model), "slm", Target(param_ratio=0.2), tokens=tokens(), progress=False)
+    total = sum(p.numel() for p in model.parameters())
+    per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    removed = r.plan.removed_layers
+    assert removed * per_layer >= 0.2 * total > (removed - 1) * per_layer
+
+
+@pytest.mark.parametrize("target", [Target(layers=0), Target(layers=8), Target(ratio=0.99)])
+def test_impossible_targets_are_refused(target):
+    with pytest.raises(LayerfoldError):
+        api.make_plan(wrap_model(tiny_llama()), "slm", target, tokens=tokens(), progress=False)
+
+
+def test_threshold_and_target_conflict_and_range():
+    with pytest.raises(LayerfoldError, match="either"):
+        api.make_plan(wrap_model(tiny_llama()), "slm", Target(layers=4), options={"threshold": 0.9},
+                      tokens=tokens(), progress=False)
+    with pytest.raises(LayerfoldError, match="between -1 and 1"):
+        api.make_plan(wrap_model(tiny_llama()), "slm", options={"threshold": 2.0, "selection": "sliding"},
+                      tokens=tokens(), progress=False)
+    with pytest.raises(LayerfoldError, match="unknown merge operator 'dif'. Did you mean 'diff'"):
+        api.make_plan(wrap_model(tiny_llama()), "slm", Target(layers=4), options={"merge": "dif"},
+                      tokens=tokens(), progress=False)
+    with pytest.raises(LayerfoldError, match="option"):
+        api.make_plan(wrap_model(tiny_llama()), "slm", Target(layers=4), options={"bogus": 1},
+                      tokens=tokens(), progress=False)
+
+
+def test_fitted_plan_saves_and_applies_again(tmp_path):
+    model = tiny_llama()
+    toks = tokens()
+    result = api.make_plan(wrap_model(model), "slm", Target(layers=5),
+                           options={"fit": "ridge", "merge": "base", "selection": "greedy"},
+                           tokens=toks, progress=False)
+    assert result.overrides, "a fitted plan carries its fused-layer weights"
+    api.save_plan(result, tmp_path / "plan.json")
+    again = api.load_plan(tmp_path / "plan.json")
+    assert again.plan.to_dict() == result.plan.to_dict()
+    a = api.apply_plan(copy.deepcopy(model), result)
+    b = api.apply_plan(copy.deepcopy(model), again)
+    x = tokens(2, 12, seed=5)
+    with torch.no_grad():
+        assert torch.equal(a(x).logits, b(x).logits)
+
+
+def test_fit_reduces_the_windows_error():
+    """The ridge correction makes the fused layer reproduce its window better on calibration data."""
+    from layerfold.calibrate import capture
+    from layerfold.correction import fit_output_projection
+    from layerfold.merge import build_fused_layer
+    from layerfold.models.arch import architecture_for
+
+    model = tiny_llama()
+    arch = architecture_for(model.config)
+    cache = capture(model, arch, tokens(8, 16), batch_size=4, progress=False)
+    lo, hi = 2, 4
+    fused = build_fused_layer([cache.layers[i] for i in range(lo, hi + 1)], operator="base")
+
+    def error(layer):
+        out = cache.final(cache.run(lo, [(layer, lo)]))
+        return float((out - cache.output(hi)).pow(2).mean())
+
+    before = error(fused)
+    fit_output_projection(fused, arch, cache.inputs[lo], cache.inputs[hi + 1], cache.extras[lo], ridge=1e-3)
+    assert error(fused) < 0.9 * before

@@ -1,0 +1,265 @@
+"""Width pruning (MLP channels, attention heads / KV groups) and depth plus width under one budget.
+
+Tiny random models of every supported architecture are width-pruned, saved, reloaded with
+plain transformers and compared with the in-memory model; crafted dead channels and heads
+must be the first removed, whatever the importance.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import build_tiny_model
+
+from layerfold.errors import LayerfoldError
+from layerfold.models.arch import architecture_for, parameter_count
+from layerfold.width import (
+    Geometry,
+    Layout,
+    WidthPlan,
+    apply_width,
+    depth_width_prune,
+    plan_width,
+    shrink,
+    unit_costs,
+)
+
+SUPPORTED = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]
+RATIO = 0.3  # tiny models (4 heads / 2 KV, 64 channels): one KV group and 16 MLP channels per layer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: more threads only contend on a shared CI machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tokens(n: int = 4, t: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 160, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_shrunk_model_reloads_with_plain_transformers(name, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = build_tiny_model(name)
+    before = Geometry.of(model.config)
+    plan = shrink(model, RATIO, tokens=_tokens(), progress=False)
+    assert plan.after == {"intermediate_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1,
+                          "head_dim": before.head_dim}
+    assert plan.params_after == parameter_count(model) < plan.params_before
+    model.save_pretrained(tmp_path)
+
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert (config.intermediate_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim) == \
+        (48, 2, 1, before.head_dim)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # plain: default attention, no layerfold
+    layout = Layout.of(architecture_for(config))
+    layer = architecture_for(config).layer_list(reloaded)[0]
+    d, hidden = before.head_dim, before.hidden
+    if layout.qkv_proj:
+        assert layout.linear(layer, "qkv_proj").weight.shape == (2 * d + 2 * d, hidden)
+        assert layout.linear(layer, "gate_up_proj").weight.shape == (2 * 48, hidden)
+    else:
+        assert layout.linear(layer, "q_proj").weight.shape == (2 * d, hidden)
+        assert layout.linear(layer, "k_proj").weight.shape == (d, hidden)
+        assert layout.linear(layer, "gate_proj").weight.shape == (48, hidden)
+    assert layout.linear(layer, "o_proj").weight.shape == (hidden, 2 * d)
+    assert layout.linear(layer, "down_proj").weight.shape == (hidden, 48)
+
+    ids = _tokens(2, 12, seed=1)
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
+    prompt = ids[:1, :5]
+    out = reloaded.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 11)
+    assert torch.equal(out, model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0))
+
+
+@pytest.mark.parametrize("name, heads, kv", [("llama", 2, 2), ("smollm2", 2, 1)])
+def test_query_heads_mode_keeps_every_kv_head(name, heads, kv, tmp_path):
+    """Thinning every group (the only way under multi-query attention: smollm2 here has 1 KV head)."""
+    from transformers import AutoModelForCausalLM
+
+    model = build_tiny_model(name)
+    plan = shrink(model, RATIO, tokens=_tokens(), attention="query-heads", heads=1, progress=False)
+    assert (plan.after["num_attention_heads"], plan.after["num_key_value_heads"]) == (heads, kv)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = _tokens(2, 12, seed=2)
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
+
+
+def _kill_mlp_channel(model, layer: int, channel: int) -> None:
+    arch = architecture_for(model.config)
+    down = Layout.of(arch).linear(arch.layer_list(model)[layer], "down_proj")
+    with torch.no_grad():
+        down.weight[:, channel] = 0
+
+
+def _kill_group(model, layer: int, group: int) -> None:
+    arch = architecture_for(model.config)
+    geo = Geometry.of(model.config)
+    o = Layout.of(arch).linear(arch.layer_list(model)[layer], "o_proj")
+    width = geo.q_per_group * geo.head_dim
+    with torch.no_grad():
+        o.weight[:, group * width:(group + 1) * width] = 0
+
+
+@pytest.mark.parametrize("importance", ["wanda-sp", "flap", "taylor"])
+@pytest.mark.parametrize("name", ["llama", "phi3"])
+def test_importance_removes_dead_units_first(name, importance):
+    model = build_tiny_model(name)
+    dead_channels = {0: 5, 1: 40, 2: 63}  # a different channel in each layer: chosen per layer
+    for layer, channel in dead_channels.items():
+        _kill_mlp_channel(model, layer, channel)
+    _kill_group(model, 0, 1)
+    _kill_group(model, 1, 0)
+    arch = architecture_for(model.config)
+    costs = unit_costs(arch.layer_list(model)[0], Layout.of(arch), Geometry.of(model.config))
+    n_layers = len(arch.layer_list(model))
+    plan = plan_width(model, params=n_layers * costs.mlp_channel, tokens=_tokens(), importance=importance,
+                      attention="off", multiple_of=1, progress=False)
+    for layer, channel in dead_channels.items():
+        assert len(plan.layers[layer].mlp_keep) == 63 and channel not in plan.layers[layer].mlp_keep
+    plan = plan_width(model, params=n_layers * costs.kv_group, tokens=_tokens(), importance=importance,
+                      attention="groups", heads=1, multiple_of=1, progress=False)
+    assert plan.layers[0].kv_keep == [0] and plan.layers[0].q_keep == [0, 1]
+    assert plan.layers[1].kv_keep == [1] and plan.layers[1].q_keep == [2, 3]
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_removing_dead_units_leaves_the_output_unchanged(name):
+    """Heads, KV groups and channels that contribute nothing are removed with no change to the
+    logits: checks that every projection (fused ones too) is sliced consistently."""
+    model = build_tiny_model(name)
+    arch, geo = architecture_for(model.config), Geometry.of(model.config)
+    for i in range(len(arch.layer_list(model))):
+        _kill_group(model, i, i % 2)
+        for channel in (3 * i, 3 * i + 1, 40 + i):
+            _kill_mlp_channel(model, i, channel)
+    ids = _tokens(2, 12, seed=4)
+    expected = _logits(model, ids)
+    costs = unit_costs(arch.layer_list(model)[0], Layout.of(arch), geo)
+    plan = shrink(model, params=6 * (costs.kv_group + 3 * costs.mlp_channel), tokens=_tokens(), heads=1,
+                  multiple_of=1, progress=False)
+    assert plan.after["intermediate_size"] == 61 and plan.after["num_key_value_heads"] == 1
+    torch.testing.assert_close(_logits(model, ids), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "phi3"])
+def test_removing_dead_query_heads_leaves_the_output_unchanged(name):
+    model = build_tiny_model(name)
+    arch, geo = architecture_for(model.config), Geometry.of(model.config)
+    for i, layer in enumerate(arch.layer_list(model)):
+        o = Layout.of(arch).linear(layer, "o_proj")
+        for group in range(geo.kv_heads):  # one dead query head in every group, a different one per layer
+            head = group * geo.q_per_group + (i + group) % geo.q_per_group
+            with torch.no_grad():
+                o.weight[:, head * geo.head_dim:(head + 1) * geo.head_dim] = 0
+    ids = _tokens(2, 12, seed=5)
+    expected = _logits(model, ids)
+    plan = shrink(model, 0.1, tokens=_tokens(), attention="query-heads", heads=1, progress=False)
+    assert (plan.after["num_attention_heads"], plan.after["num_key_value_heads"]) == (2, 2)
+    torch.testing.assert_close(_logits(model, ids), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_width_plan_is_data_and_applies_again(tmp_path):
+    model, again = build_tiny_model("qwen2"), build_tiny_model("qwen2")
+    plan = shrink(model, RATIO, tokens=_tokens(), importance="flap", progress=False)
+    plan.save(tmp_path / "width_plan.json")
+    loaded = WidthPlan.load(tmp_path / "width_plan.json")
+    assert loaded.to_json() == plan.to_json()
+    apply_width(again, loaded)
+    ids = _tokens(2, 10, seed=3)
+    torch.testing.assert_close(_logits(again, ids), _logits(model, ids), atol=0, rtol=0)
+    with pytest.raises(LayerfoldError, match="widths"):
+        apply_width(again, loaded)  # already pruned: the plan's widths no longer match
+
+
+def test_budget_in_parameters_is_met():
+    model = build_tiny_model("llama")
+    arch = architecture_for(model.config)
+    costs = unit_costs(arch.layer_list(model)[0], Layout.of(arch), Geometry.of(model.config))
+    before = parameter_count(model)
+    plan = shrink(model, params=6 * (costs.kv_group + 10 * costs.mlp_channel), tokens=_tokens(), multiple_of=1,
+                  progress=False)
+    assert plan.target["removed_per_layer"] == {"kv_groups": 1, "query_heads_per_group": 0, "mlp_channels": 10}
+    assert parameter_count(model) == before - 6 * (costs.kv_group + 10 * costs.mlp_channel)
+
+
+@pytest.mark.parametrize("name", ["opt", "gpt2", "gpt_neox"])
+def test_unsupported_architectures_are_refused_clearly(name):
+    model = build_tiny_model(name)
+    with pytest.raises(LayerfoldError, match="supported model types: .*llama.*phi3"):
+        shrink(model, RATIO, tokens=_tokens())
+
+
+def test_bad_options_are_refused():
+    model = build_tiny_model("llama")
+    with pytest.raises(LayerfoldError, match="between 0 and 1"):
+        shrink(model, 1.5, tokens=_tokens())
+    with pytest.raises(LayerfoldError, match="Did you mean 'taylor'"):
+        shrink(model, RATIO, tokens=_tokens(), importance="tailor")
+    with pytest.raises(LayerfoldError, match="KV groups"):
+        shrink(model, RATIO, tokens=_tokens(), heads=2)
+    with pytest.raises(LayerfoldError, match="split"):
+        depth_width_prune(model, 0.3, split=1.5, tokens=_tokens())
+
+
+def test_depth_width_auto_split_picks_the_lowest_held_out_loss():
+    from layerfold.models.load import wrap_model
+
+    loaded = wrap_model(build_tiny_model("llama"))
+    before = parameter_count(loaded.model)
+    result = depth_width_prune(loaded, 0.3, split="auto", method="slm", splits=(0.0, 0.5, 1.0), multiple_of=1,
+                               tokens=_tokens(4, 16), heldout_tokens=_tokens(4, 16, seed=9), progress=False)
+    assert [c.split for c in result.candidates] == [0.0, 0.5, 1.0]
+    assert all(c.error is None for c in result.candidates)
+    best = min(result.candidates, key=lambda c: c.heldout_nll)
+    assert result.split == best.split and result.params_after == best.params == parameter_count(loaded.model)
+    by_split = {c.split: c for c in result.candidates}
+    assert by_split[0.0].layers == 6 and by_split[1.0].layers < 6 and by_split[1.0].width is None
+    for cand in result.candidates:  # width tops depth up to the asked share; depth alone rounds up to layers
+        removed = 1 - cand.params / before
+        assert 0.29 <= removed <= 0.31 if cand.width else removed >= 0.3
+
+
+def test_cli_width_and_combined(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from layerfold.cli import app
+    from layerfold.commands import register_all
+
+    register_all(app)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"the cat number {i} sat on the mat." for i in range(400)))
+    common = ["--calib-source", str(text), "--calib-samples", "4", "--calib-seq-len", "16", "--ppl", ""]
+    folder = tiny_model_dir("mistral")
+    result = CliRunner().invoke(app, ["shrink", str(folder), "--width", "0.3", "--out", str(tmp_path / "w"),
+                                      *common])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["intermediate_size"] == 48
+    assert json.loads((tmp_path / "w" / "width_plan.json").read_text())["after"]["num_key_value_heads"] == 1
+
+    args = ["shrink", str(folder), "--param-ratio", "0.3", "--split", "0.5", "--multiple-of", "1",
+            "--out", str(tmp_path / "dw"), *common]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "dw" / "config.json").read_text())
+    assert config["num_hidden_layers"] < 6 and config["intermediate_size"] < 64
+    assert (tmp_path / "dw" / "plan.json").is_file() and (tmp_path / "dw" / "shrink.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "dw").generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3,
+                                                                     do_sample=False, pad_token_id=0)
+    result = CliRunner().invoke(app, ["shrink", str(folder), "--width", "0.3", "--param-ratio", "0.3"])
+    assert isinstance(result.exception, LayerfoldError)
