@@ -76,7 +76,8 @@ def run_budget(base, ratio: float, splits: list[float], method: str, calib: Cali
 
     def on_candidate(cand, trial) -> None:
         rows.append(row_of(trial, before, f"split {cand.split}", windows, split=cand.split,
-                           heldout_nll=round(cand.heldout_nll, 4),
+                           heldout_nll=round(cand.heldout_nll, 4), attention=cand.attention,
+                           attention_search=cand.attention_search,
                            seconds_since_start=round(time.perf_counter() - start, 1)))
 
     loaded = copy.deepcopy(base)
@@ -96,10 +97,11 @@ def width_variants(base, ratio: float, calib: CalibrationConfig, windows: int, b
     for variant in variants:
         importance, attention = variant.split(":")
         loaded = copy.deepcopy(base)
-        shrink(loaded, params=round(ratio * before), calibration=calib, importance=importance, attention=attention,
-               progress=False)
+        plan = shrink(loaded, params=round(ratio * before), calibration=calib, importance=importance,
+                      attention=attention, progress=False)
         rows.append(row_of(loaded, before, f"width only, {importance}, attention {attention}", windows,
-                           importance=importance, attention=attention, param_ratio=ratio))
+                           importance=importance, attention=attention, chosen_attention=plan.attention,
+                           attention_search=plan.target.get("attention_search"), param_ratio=ratio))
     return rows
 
 
@@ -113,7 +115,9 @@ def markdown(record: dict) -> str:
         "(embeddings included, tied embeddings counted once). `split` = share of the removed parameters taken "
         "by depth (0: width only, 1: depth only); depth rounds up to whole layers, width takes the rest. "
         f"Depth: `{record['method']}` (default options) planned with `Target(param_ratio=split * P)`; width: "
-        "wanda-sp importance, whole KV groups, one width for all layers, kept MLP width a multiple of 8. "
+        "wanda-sp importance, one width for all layers, kept MLP width a multiple of 8, attention `auto` (the "
+        "share between attention and MLP with the lowest held-out calibration loss among: no attention, "
+        "whole KV groups, query heads in every group; column `attention`). "
         f"Calibration: {record['calibration']['samples']} x {record['calibration']['seq_len']} tokens of "
         f"`{record['calibration']['source']}` (seed {record['calibration']['seed']}); the split marked **auto** is "
         f"the one `--split auto` picks: lowest NLL on {record['held_out']} held-out windows of the same "
@@ -122,28 +126,33 @@ def markdown(record: dict) -> str:
         f"Machine: {m['platform']}, {m['cpu_count']} CPUs (shared), torch {m['torch']}, transformers "
         f"{m['transformers']}, python {m['python']}.", "",
         "```", *m["lscpu_head"], "```", "",
-        "| budget | split | layers | heads (q/kv) | MLP width | params | removed | held-out NLL | WikiText-2 | PTB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| budget | split | layers | attention | heads (q/kv) | MLP width | params | removed | held-out NLL | "
+        "WikiText-2 | PTB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     d = record["dense"]
-    lines.append(f"| dense | - | {d['layers']} | {d['heads']} | {d['intermediate_size']} | {d['params']:,} | 0 | "
+    lines.append(f"| dense | - | {d['layers']} | - | {d['heads']} | {d['intermediate_size']} | {d['params']:,} | 0 | "
                  f"{record['dense_heldout_nll']:.4f} | {d['perplexity']['wikitext2']:.1f} | "
                  f"{d['perplexity']['ptb']:.1f} |")
     for budget in record["budgets"]:
         for r in budget["rows"]:
             auto = " **auto**" if r["split"] == budget["chosen_split"] else ""
             name = {0.0: " (width only)", 1.0: " (depth only)"}.get(r["split"], "")
-            lines.append(f"| {budget['param_ratio']:.0%} | {r['split']}{name}{auto} | {r['layers']} | {r['heads']} | "
+            lines.append(f"| {budget['param_ratio']:.0%} | {r['split']}{name}{auto} | {r['layers']} | "
+                         f"{r['attention'] or '-'} | {r['heads']} | "
                          f"{r['intermediate_size']} | {r['params']:,} | {r['removed']:.1%} | {r['heldout_nll']:.4f} | "
                          f"{r['perplexity']['wikitext2']:.1f} | {r['perplexity']['ptb']:.1f} |")
         for e in budget["errors"]:
-            lines.append(f"| {budget['param_ratio']:.0%} | {e['split']} | - | - | - | - | - | {e['error']} | - | - |")
+            lines.append(f"| {budget['param_ratio']:.0%} | {e['split']} | - | - | - | - | - | - | {e['error']} | - "
+                         "| - |")
     if record.get("variants"):
         lines += ["", "Width only, other importances and attention modes (same budgets):", "",
-                  "| budget | importance | attention | heads (q/kv) | MLP width | removed | WikiText-2 | PTB |",
+                  "| budget | importance | attention (chosen) | heads (q/kv) | MLP width | removed | WikiText-2 "
+                  "| PTB |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in record["variants"]:
-            lines.append(f"| {r['param_ratio']:.0%} | {r['importance']} | {r['attention']} | {r['heads']} | "
+            chosen = f" ({r['chosen_attention']})" if r["attention"] == "auto" else ""
+            lines.append(f"| {r['param_ratio']:.0%} | {r['importance']} | {r['attention']}{chosen} | {r['heads']} | "
                          f"{r['intermediate_size']} | {r['removed']:.1%} | {r['perplexity']['wikitext2']:.1f} | "
                          f"{r['perplexity']['ptb']:.1f} |")
     lines += ["", f"Total wall time {record['seconds']:.0f} s on a CPU shared with other jobs (timings not "
@@ -158,7 +167,7 @@ def main() -> None:
     parser.add_argument("--method", default="slm")
     parser.add_argument("--windows", type=int, default=60)
     parser.add_argument("--held-out", type=int, default=16)
-    parser.add_argument("--variants", default="flap:groups,taylor:groups,wanda-sp:off,wanda-sp:query-heads",
+    parser.add_argument("--variants", default="flap:auto,taylor:auto,wanda-sp:groups,wanda-sp:query-heads",
                         help="width-only variants importance:attention ('' for none)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/depth_width"))
     args = parser.parse_args()
@@ -178,9 +187,12 @@ def main() -> None:
               "dense": row_of(base, before, "dense", args.windows), "budgets": [], "variants": []}
     splits = [float(s) for s in args.splits.split(",")]
     ratios = [float(r) for r in args.ratios.split(",")]
+    partial = args.out.with_suffix(".partial.json")
+    partial.parent.mkdir(parents=True, exist_ok=True)
     for ratio in ratios:
         record["budgets"].append(run_budget(base, ratio, splits, args.method, calib, args.held_out, args.windows,
                                             before))
+        partial.write_text(json.dumps(record, indent=1) + "\n")  # a long run keeps what it has measured
     variants = [v for v in args.variants.split(",") if v]
     for ratio in ratios:
         record["variants"] += width_variants(base, ratio, calib, args.windows, before, variants)
@@ -188,6 +200,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(record))
+    partial.unlink(missing_ok=True)
     print(markdown(record))
 
 

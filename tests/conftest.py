@@ -58,7 +58,7 @@ def _config(name: str):
         return tf.Gemma3TextConfig(**_COMMON, head_dim=8, sliding_window=WINDOW, query_pre_attn_scalar=8,
                                    layer_types=types)
     if name == "phi3":
-        return tf.Phi3Config(**_COMMON, sliding_window=None)
+        return tf.Phi3Config(**_COMMON, sliding_window=WINDOW)
     if name == "opt":
         return tf.OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=64, num_hidden_layers=LAYERS,
                             num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=HIDDEN,
@@ -83,7 +83,7 @@ def build_tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     config = _config(name)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for param in model.parameters():
             if param.ndim == 1:  # norm weights, biases: make every layer's different

@@ -35,7 +35,7 @@ def _greedy(model, prompt: torch.Tensor, use_cache: bool = True) -> torch.Tensor
 def _reload(path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
 def _hand_plan() -> Plan:
@@ -139,3 +139,46 @@ def test_unsupported_architecture_is_named(tiny_model):
 
     with pytest.raises(LayerfoldError, match="unsupported architecture 'bert'.*llama"):
         architecture_for(BertConfig())
+
+
+def test_save_model_overwrite_and_failed_swap(tiny_model, tmp_path, monkeypatch):
+    import os
+
+    from layerfold import surgery
+    from layerfold.errors import LayerfoldError
+
+    model = tiny_model("gpt2")
+    out = tmp_path / "out"
+    out.write_text("a file in the way")
+    with pytest.raises(LayerfoldError, match="exists"):
+        save_model(model, None, out)
+    save_model(model, None, out, overwrite=True)
+    assert (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    # the new folder cannot be renamed into place: the previous one comes back, nothing is left over
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if ".partial-" in str(src):
+            raise OSError("rename failed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(surgery.os, "replace", failing_replace)
+    (out / "marker.txt").write_text("previous")
+    with pytest.raises(OSError, match="rename failed"):
+        save_model(model, None, out, overwrite=True)
+    assert (out / "marker.txt").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_deprecation_warnings_fail_the_suite():
+    """pyproject's filterwarnings turns FutureWarning and DeprecationWarning into errors when
+    attributed to transformers, and when transformers attributes them to its caller
+    (``stacklevel=2``): our package or a test."""
+    import warnings
+
+    for module in ("transformers.configuration_utils", "layerfold.surgery", "test_architectures"):
+        for category in (FutureWarning, DeprecationWarning):
+            with pytest.raises(category):
+                warnings.warn_explicit("deprecated", category, "x.py", 1, module=module)

@@ -3,13 +3,16 @@ process, then the same plan applied in memory through the API, the saved folder 
 with plain transformers, identical logits, finite PTB perplexity, identical greedy text.
 
 Calibration is cut to 2 windows of 64 tokens to keep the whole test well under a minute on
-2 CPU cores; the default cache is used (the first run on a new machine converts the GGUF).
+2 CPU cores (about 28 s of CPU time), and everything runs on one thread: on a busy 2-core
+machine a second torch thread makes each matmul wait for the pool, many times slower.  The
+default cache is used (the first run on a new machine converts the GGUF once).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,12 +31,21 @@ def _layerfold_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "layerfold.cli"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pruned_by_cli(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("real") / "smollm2-27"
     cmd = [*_layerfold_command(), "prune", "--target-layers", "27", "--ppl", "", "--out", str(out),
            "--calib-samples", "2", "--calib-seq-len", "64"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "30 -> 27 layers" in done.stdout
     return out

@@ -95,7 +95,7 @@ def test_threshold_and_target_conflict_and_range():
     with pytest.raises(LayerfoldError, match="either"):
         api.make_plan(wrap_model(tiny_llama()), "slm", Target(layers=4), options={"threshold": 0.9},
                       tokens=tokens(), progress=False)
-    with pytest.raises(LayerfoldError, match="between -1 and 1"):
+    with pytest.raises(LayerfoldError, match="threshold.*less than or equal to 1"):
         api.make_plan(wrap_model(tiny_llama()), "slm", options={"threshold": 2.0, "selection": "sliding"},
                       tokens=tokens(), progress=False)
     with pytest.raises(LayerfoldError, match="unknown merge operator 'dif'. Did you mean 'diff'"):
@@ -143,3 +143,23 @@ def test_fit_reduces_the_windows_error():
     before = error(fused)
     fit_output_projection(fused, arch, cache.inputs[lo], cache.inputs[hi + 1], cache.extras[lo], ridge=1e-3)
     assert error(fused) < 0.9 * before
+
+
+def test_a_threshold_alone_means_the_papers_sliding_loop():
+    from layerfold.methods.base import make_method
+
+    assert make_method("slm", {"threshold": 0.9}).selection == "sliding"
+    assert make_method("slm", {}).selection == "optimal"
+    assert make_method("slm-paper", {}).merge == "diff"
+
+
+def test_optimal_selection_folds_the_window_whose_layers_do_nothing():
+    """Layers 4 and 5 made exact identities: keeping layer 3 and folding 3..5 costs nothing."""
+    model = tiny_llama(layers=8, seed=3)
+    with torch.no_grad():
+        for i in (4, 5):
+            model.model.layers[i].self_attn.o_proj.weight.zero_()
+            model.model.layers[i].mlp.down_proj.weight.zero_()
+    result = api.make_plan(wrap_model(model), "slm", Target(layers=6), tokens=tokens(), progress=False)
+    assert result.plan.windows() == [(3, 5)]
+    assert result.plan.operations[0].score == pytest.approx(1.0)

@@ -53,7 +53,7 @@ def test_shrunk_model_reloads_with_plain_transformers(name, tmp_path):
 
     model = build_tiny_model(name)
     before = Geometry.of(model.config)
-    plan = shrink(model, RATIO, tokens=_tokens(), progress=False)
+    plan = shrink(model, RATIO, tokens=_tokens(), attention="groups", progress=False)
     assert plan.after == {"intermediate_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1,
                           "head_dim": before.head_dim}
     assert plan.params_after == parameter_count(model) < plan.params_before
@@ -149,8 +149,8 @@ def test_removing_dead_units_leaves_the_output_unchanged(name):
     ids = _tokens(2, 12, seed=4)
     expected = _logits(model, ids)
     costs = unit_costs(arch.layer_list(model)[0], Layout.of(arch), geo)
-    plan = shrink(model, params=6 * (costs.kv_group + 3 * costs.mlp_channel), tokens=_tokens(), heads=1,
-                  multiple_of=1, progress=False)
+    plan = shrink(model, params=6 * (costs.kv_group + 3 * costs.mlp_channel), tokens=_tokens(), attention="groups",
+                  heads=1, multiple_of=1, progress=False)
     assert plan.after["intermediate_size"] == 61 and plan.after["num_key_value_heads"] == 1
     torch.testing.assert_close(_logits(model, ids), expected, atol=1e-5, rtol=1e-5)
 
@@ -172,6 +172,42 @@ def test_removing_dead_query_heads_leaves_the_output_unchanged(name):
     torch.testing.assert_close(_logits(model, ids), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_auto_attention_takes_a_dead_kv_group_rather_than_live_channels():
+    model = build_tiny_model("llama")
+    arch, geo = architecture_for(model.config), Geometry.of(model.config)
+    for i in range(len(arch.layer_list(model))):
+        _kill_group(model, i, 1)
+    costs = unit_costs(arch.layer_list(model)[0], Layout.of(arch), geo)
+    held = _tokens(4, 16, seed=7)
+    from layerfold.evaluate.perplexity import perplexity_of_windows
+
+    dense = perplexity_of_windows(model, held, bos=False, progress=False)[0]
+    plan = shrink(model, params=6 * costs.kv_group, tokens=_tokens(), heldout_tokens=held, multiple_of=1,
+                  progress=False)
+    search = {(c["attention"], c["heads"]): c["heldout_nll"] for c in plan.target["attention_search"]}
+    assert set(search) == {("off", 0), ("groups", 1), ("query-heads", 1)}
+    assert plan.attention == "groups" and plan.after["num_key_value_heads"] == 1
+    assert plan.after["intermediate_size"] == 64
+    assert search[("groups", 1)] == pytest.approx(dense, abs=1e-5)
+    assert search[("groups", 1)] < min(search[("off", 0)], search[("query-heads", 1)])
+    assert perplexity_of_windows(model, held, bos=False, progress=False)[0] == pytest.approx(dense, abs=1e-5)
+
+
+def test_masked_loss_equals_the_loss_after_removal():
+    from layerfold.evaluate.perplexity import perplexity_of_windows
+    from layerfold.width import masked_loss
+
+    model = build_tiny_model("phi3")
+    arch, geo = architecture_for(model.config), Geometry.of(model.config)
+    plan = plan_width(model, RATIO, tokens=_tokens(), attention="query-heads", heads=1, progress=False)
+    held = _tokens(3, 16, seed=8)
+    masked = masked_loss(model, Layout.of(arch), geo, plan.layers, held)
+    untouched = perplexity_of_windows(model, held, bos=False, progress=False)[0]
+    apply_width(model, plan)
+    assert perplexity_of_windows(model, held, bos=False, progress=False)[0] == pytest.approx(masked, abs=1e-5)
+    assert masked != pytest.approx(untouched, abs=1e-3)  # the mask was undone before removal
+
+
 def test_width_plan_is_data_and_applies_again(tmp_path):
     model, again = build_tiny_model("qwen2"), build_tiny_model("qwen2")
     plan = shrink(model, RATIO, tokens=_tokens(), importance="flap", progress=False)
@@ -190,9 +226,9 @@ def test_budget_in_parameters_is_met():
     arch = architecture_for(model.config)
     costs = unit_costs(arch.layer_list(model)[0], Layout.of(arch), Geometry.of(model.config))
     before = parameter_count(model)
-    plan = shrink(model, params=6 * (costs.kv_group + 10 * costs.mlp_channel), tokens=_tokens(), multiple_of=1,
-                  progress=False)
-    assert plan.target["removed_per_layer"] == {"kv_groups": 1, "query_heads_per_group": 0, "mlp_channels": 10}
+    plan = shrink(model, params=6 * (costs.kv_group + 10 * costs.mlp_channel), tokens=_tokens(), attention="groups",
+                  multiple_of=1, progress=False)  # a share of 0.27 of 2 KV groups rounds to one
+    assert plan.target["removed_per_layer"] == {"kv_groups": 1, "query_heads": 0, "mlp_channels": 10}
     assert parameter_count(model) == before - 6 * (costs.kv_group + 10 * costs.mlp_channel)
 
 
@@ -210,7 +246,9 @@ def test_bad_options_are_refused():
     with pytest.raises(LayerfoldError, match="Did you mean 'taylor'"):
         shrink(model, RATIO, tokens=_tokens(), importance="tailor")
     with pytest.raises(LayerfoldError, match="KV groups"):
-        shrink(model, RATIO, tokens=_tokens(), heads=2)
+        shrink(model, RATIO, tokens=_tokens(), attention="groups", heads=2)
+    with pytest.raises(LayerfoldError, match="--heads needs"):
+        shrink(model, RATIO, tokens=_tokens(), heads=1)
     with pytest.raises(LayerfoldError, match="split"):
         depth_width_prune(model, 0.3, split=1.5, tokens=_tokens())
 
@@ -244,8 +282,8 @@ def test_cli_width_and_combined(tmp_path, tiny_model_dir):
     text.write_text(" ".join(f"the cat number {i} sat on the mat." for i in range(400)))
     common = ["--calib-source", str(text), "--calib-samples", "4", "--calib-seq-len", "16", "--ppl", ""]
     folder = tiny_model_dir("mistral")
-    result = CliRunner().invoke(app, ["shrink", str(folder), "--width", "0.3", "--out", str(tmp_path / "w"),
-                                      *common])
+    result = CliRunner().invoke(app, ["shrink", str(folder), "--width", "0.3", "--attention", "groups",
+                                      "--out", str(tmp_path / "w"), *common])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "w" / "config.json").read_text())["intermediate_size"] == 48
     assert json.loads((tmp_path / "w" / "width_plan.json").read_text())["after"]["num_key_value_heads"] == 1

@@ -46,7 +46,7 @@ from layerfold.errors import LayerfoldError, did_you_mean
 from layerfold.models.arch import Architecture, all_architectures, architecture_for, get_dotted, parameter_count
 
 IMPORTANCES = ("wanda-sp", "flap", "taylor")
-ATTENTION_MODES = ("groups", "query-heads", "off")
+ATTENTION_MODES = ("auto", "groups", "query-heads", "off")
 AUTO_SPLITS = (0.0, 0.25, 0.5, 0.75, 1.0)
 WIDTH_PLAN_VERSION = 1
 _ATTENTION_COUNT_ATTRS = ("num_key_value_groups", "num_key_value_heads", "num_heads", "num_attention_heads")
@@ -547,44 +547,130 @@ def layer_scores(model: nn.Module, tokens: torch.Tensor, importance: str = "wand
 
 
 def plan_width(model, ratio: float | None = None, *, params: int | None = None, calibration=None,
-               tokens: torch.Tensor | None = None, importance: str = "wanda-sp", attention: str = "groups",
-               heads: int | None = None, multiple_of: int = 8, batch_size: int = 8,
-               progress: bool = True) -> WidthPlan:
+               tokens: torch.Tensor | None = None, heldout_tokens: torch.Tensor | None = None,
+               importance: str = "wanda-sp", attention: str = "auto", heads: int | None = None,
+               multiple_of: int = 8, batch_size: int = 8, progress: bool = True) -> WidthPlan:
     """Decide which channels and heads to remove, without changing the model.
 
     Give ``ratio`` (share of every layer's attention and MLP projection parameters to remove)
-    or ``params`` (parameters to remove from all layers together).
+    or ``params`` (parameters to remove from all layers together).  ``attention="auto"`` tries
+    a few ways to share the budget between attention and MLP (see :func:`attention_options`)
+    and keeps the one with the lowest loss on ``heldout_tokens`` (by default held-out windows
+    of the calibration source; the calibration tokens themselves when there is no tokenizer).
     """
     module, tokenizer, source = _model_of(model)
     arch = architecture_for(module.config)
     layout, geo = Layout.of(arch), Geometry.of(module.config)
     if attention not in ATTENTION_MODES:
         raise did_you_mean(attention, ATTENTION_MODES, "attention mode")
+    if attention in ("auto", "off") and heads is not None:
+        raise LayerfoldError("--heads needs --attention groups or query-heads")
     if multiple_of < 1:
         raise LayerfoldError("--multiple-of must be at least 1")
     layers = arch.layer_list(module)
     costs = unit_costs(layers[0], layout, geo)
     per_layer = _per_layer_budget(ratio, params, costs, len(layers))
-    budget = plan_budget(costs, geo, per_layer, attention, heads, multiple_of)
+    if attention != "auto":
+        plan_budget(costs, geo, per_layer, attention, heads, multiple_of)  # fail before any work
     toks = _calibration_tokens(tokenizer, calibration, tokens)
     scores = layer_scores(module, toks, importance, batch_size, progress)
-    chosen = [choose_units(s, geo, budget) for s in scores]
+    search: list[dict] = []
+    if attention == "auto":
+        held, where = _selection_tokens(tokenizer, calibration, tokens, heldout_tokens, toks)
+        attention, budget, chosen, search = _search_attention(module, layout, geo, costs, per_layer, scores,
+                                                              multiple_of, held, batch_size)
+        search = [{**c, "selection_tokens": where} for c in search]
+    else:
+        budget = plan_budget(costs, geo, per_layer, attention, heads, multiple_of)
+        chosen = [choose_units(sc, geo, budget) for sc in scores]
     after = replace(geo, heads=len(chosen[0].q_keep), kv_heads=len(chosen[0].kv_keep),
                     intermediate=len(chosen[0].mlp_keep))
-    removed = len(layers) * (budget.mlp_channels * costs.mlp_channel + budget.kv_groups * costs.kv_group
-                             + budget.query_heads * after.kv_heads * costs.query_head)
     before_params = parameter_count(module)
     from layerfold.data.tokens import tokens_hash
 
     calib = {**(calibration.describe() if calibration is not None and tokens is None else {}),
              "tokens_sha256_16": tokens_hash(toks), "windows": int(toks.shape[0]), "seq_len": int(toks.shape[1])}
     target = {"ratio": ratio, "params": params, "heads": heads, "multiple_of": multiple_of,
-              "removed_per_layer": {"kv_groups": budget.kv_groups, "query_heads_per_group": budget.query_heads,
-                                    "mlp_channels": budget.mlp_channels}}
+              "removed_per_layer": asdict(budget), "attention_search": search or None}
     return WidthPlan(architecture=arch.name, importance=importance, attention=attention, before=geo.describe(),
                      after=after.describe(), layers=chosen, target={k: v for k, v in target.items() if v is not None},
-                     calibration=calib, params_before=before_params, params_after=before_params - removed,
+                     calibration=calib, params_before=before_params,
+                     params_after=before_params - len(layers) * removed_per_layer(budget, costs, geo),
                      model=source)
+
+
+def removed_per_layer(budget: WidthBudget, costs: UnitCosts, geo: Geometry) -> int:
+    return (budget.mlp_channels * costs.mlp_channel + budget.kv_groups * costs.kv_group
+            + budget.query_heads * (geo.kv_heads - budget.kv_groups) * costs.query_head)
+
+
+def attention_options(costs: UnitCosts, geo: Geometry, per_layer: float, spread: int = 4) -> list[tuple[str, int]]:
+    """Ways to take attention units within the budget, for ``attention="auto"``: none; whole KV
+    groups; query heads in every group.  Each kind tries at most ``spread + 1`` counts spread
+    evenly between 0 and the most the budget (and the model) allows."""
+    options = [("off", 0)]
+    for mode, units, cost in (("groups", geo.kv_heads - 1, costs.kv_group),
+                              ("query-heads", geo.q_per_group - 1, costs.query_head * geo.kv_heads)):
+        most = min(units, int(per_layer // cost))
+        counts = sorted({round(most * k / spread) for k in range(1, spread + 1)} - {0})
+        options += [(mode, n) for n in counts]
+    return options
+
+
+def _selection_tokens(tokenizer, calibration, tokens, heldout_tokens, calib_tokens) -> tuple[torch.Tensor, str]:
+    if heldout_tokens is not None:
+        return heldout_tokens, "held-out tokens given"
+    if tokenizer is not None and tokens is None:
+        from layerfold.data.tokens import CalibrationConfig
+
+        return held_out_windows(tokenizer, calibration or CalibrationConfig(), 16), "16 held-out calibration windows"
+    return calib_tokens, "calibration tokens (no held-out set given)"
+
+
+def _search_attention(module, layout, geo, costs, per_layer, scores, multiple_of, held, batch_size):
+    """Try each attention option (units masked in place, not removed) and keep the lowest loss."""
+    best, search = None, []
+    for mode, n in attention_options(costs, geo, per_layer):
+        try:
+            budget = plan_budget(costs, geo, per_layer, mode, n if mode != "off" else None, multiple_of)
+        except LayerfoldError:
+            continue
+        chosen = [choose_units(sc, geo, budget) for sc in scores]
+        nll = masked_loss(module, layout, geo, chosen, held, batch_size)
+        search.append({"attention": mode, "heads": n, "mlp_channels": budget.mlp_channels, "heldout_nll": nll})
+        if best is None or nll < best[0]:
+            best = (nll, mode, budget, chosen)
+    if best is None:
+        raise LayerfoldError("the width target removes every MLP channel whatever attention gives; ask for less")
+    return best[1], best[2], best[3], search
+
+
+def masked_loss(module: nn.Module, layout: Layout, geo: Geometry, chosen: list[LayerWidth], tokens: torch.Tensor,
+                batch_size: int = 8) -> float:
+    """Mean next-token loss with the units not kept zeroed in the output projections (the same
+    function as removing them), weights restored afterwards."""
+    from layerfold.evaluate.perplexity import perplexity_of_windows
+
+    arch = architecture_for(module.config)
+    saved: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for layer, lw in zip(arch.layer_list(module), chosen, strict=True):
+                kept_heads = set(lw.q_keep)
+                kept_mlp = set(lw.mlp_keep)
+                for name, cols in (("o_proj", _span([h for h in range(geo.heads) if h not in kept_heads],
+                                                    geo.head_dim)),
+                                   ("down_proj", torch.tensor([j for j in range(geo.intermediate)
+                                                               if j not in kept_mlp], dtype=torch.long))):
+                    lin = layout.linear(layer, name)
+                    cols = cols.to(lin.weight.device)
+                    saved.append((lin, cols, lin.weight[:, cols].clone()))
+                    lin.weight[:, cols] = 0
+        return perplexity_of_windows(module, tokens, bos=False, batch_size=batch_size, progress=False)[0]
+    finally:
+        with torch.no_grad():
+            for lin, cols, values in reversed(saved):
+                lin.weight[:, cols] = values
 
 
 def _per_layer_budget(ratio: float | None, params: int | None, costs: UnitCosts, n_layers: int) -> float:
@@ -600,17 +686,20 @@ def _per_layer_budget(ratio: float | None, params: int | None, costs: UnitCosts,
 
 
 def shrink(model, ratio: float | None = None, calibration=None, tokens: torch.Tensor | None = None,
-           importance: str = "wanda-sp", *, params: int | None = None, attention: str = "groups",
-           heads: int | None = None, multiple_of: int = 8, batch_size: int = 8, progress: bool = True) -> WidthPlan:
+           importance: str = "wanda-sp", *, params: int | None = None, attention: str = "auto",
+           heads: int | None = None, multiple_of: int = 8, batch_size: int = 8,
+           heldout_tokens: torch.Tensor | None = None, progress: bool = True) -> WidthPlan:
     """Width-prune ``model`` (a LoadedModel or a transformers model) in place; returns the plan.
 
     ``ratio``: share of every decoder layer's attention and MLP projection parameters removed
     (or ``params``: parameters to remove in all).  Calibration comes from ``tokens``
     (``[N, T]`` ids) or ``calibration`` (a :class:`~layerfold.data.tokens.CalibrationConfig`).
+    ``attention``: ``auto`` (default: the share between attention and MLP with the lowest
+    held-out calibration loss), ``groups``, ``query-heads`` or ``off``; see :func:`plan_width`.
     """
-    plan = plan_width(model, ratio, params=params, calibration=calibration, tokens=tokens, importance=importance,
-                      attention=attention, heads=heads, multiple_of=multiple_of, batch_size=batch_size,
-                      progress=progress)
+    plan = plan_width(model, ratio, params=params, calibration=calibration, tokens=tokens,
+                      heldout_tokens=heldout_tokens, importance=importance, attention=attention, heads=heads,
+                      multiple_of=multiple_of, batch_size=batch_size, progress=progress)
     module = _model_of(model)[0]
     apply_width(module, plan)
     plan.params_after = parameter_count(module)
@@ -626,7 +715,9 @@ class SplitCandidate:
     layers: int | None = None
     params: int | None = None
     heldout_nll: float | None = None
-    width: dict | None = None
+    width: dict | None = None  # widths after, when width pruning took part
+    attention: str | None = None  # how width pruning treated attention (auto picks one)
+    attention_search: list | None = None
     error: str | None = None
 
 
@@ -687,7 +778,7 @@ def _parse_split(split: float | str) -> float | None:
 
 
 def _prune_at_split(loaded, param_ratio: float, split: float, method: str, calibration, tokens: torch.Tensor,
-                    options: dict | None, width_options: dict, progress: bool):
+                    heldout: torch.Tensor | None, options: dict | None, width_options: dict, progress: bool):
     """Depth then width on ``loaded`` in place; returns (depth PlanResult or None, WidthPlan or None)."""
     from layerfold.api import apply_plan, make_plan
     from layerfold.methods.base import Target
@@ -701,7 +792,8 @@ def _prune_at_split(loaded, param_ratio: float, split: float, method: str, calib
     remaining = round(param_ratio * total) - (total - parameter_count(loaded.model))
     width = None
     if split < 1 and remaining > 0:
-        width = shrink(loaded, params=remaining, tokens=tokens, progress=progress, **width_options)
+        width = shrink(loaded, params=remaining, tokens=tokens, heldout_tokens=heldout, progress=progress,
+                       **width_options)
         if calibration is not None:
             width.calibration = {**calibration.describe(), **width.calibration}
     return depth, width
@@ -709,7 +801,7 @@ def _prune_at_split(loaded, param_ratio: float, split: float, method: str, calib
 
 def depth_width_prune(loaded, param_ratio: float, split: float | str = "auto", method: str = "slm",
                       calibration=None, options: dict | None = None, *, importance: str = "wanda-sp",
-                      attention: str = "groups", heads: int | None = None, multiple_of: int = 8,
+                      attention: str = "auto", heads: int | None = None, multiple_of: int = 8,
                       splits: Sequence[float] = AUTO_SPLITS, held_out: int = 16, tokens: torch.Tensor | None = None,
                       heldout_tokens: torch.Tensor | None = None, progress: bool = True,
                       on_candidate: Callable | None = None) -> DepthWidthResult:
@@ -738,29 +830,31 @@ def depth_width_prune(loaded, param_ratio: float, split: float | str = "auto", m
     layers_before = len(loaded.arch.layer_list(loaded.model))
     params_before = parameter_count(loaded.model)
     candidates: list[SplitCandidate] = []
+    if heldout_tokens is None and loaded.tokenizer is not None and (fixed is None or attention == "auto"):
+        heldout_tokens = held_out_windows(loaded.tokenizer, calibration, held_out)
     if fixed is not None:
-        depth, width = _prune_at_split(loaded, param_ratio, fixed, method, calibration, tokens, options,
-                                       width_options, progress)
+        depth, width = _prune_at_split(loaded, param_ratio, fixed, method, calibration, tokens, heldout_tokens,
+                                       options, width_options, progress)
         chosen = fixed
     else:
         if heldout_tokens is None:
-            if loaded.tokenizer is None:
-                raise LayerfoldError("split='auto' needs held-out tokens: pass heldout_tokens= or a tokenizer")
-            heldout_tokens = held_out_windows(loaded.tokenizer, calibration, held_out)
+            raise LayerfoldError("split='auto' needs held-out tokens: pass heldout_tokens= or a tokenizer")
         best = None
         for s in (_parse_split(v) for v in splits):
             trial = replace(loaded, model=copy.deepcopy(loaded.model))
             cand = SplitCandidate(split=s)
             candidates.append(cand)
             try:
-                depth, width = _prune_at_split(trial, param_ratio, s, method, calibration, tokens, options,
-                                               width_options, progress)
+                depth, width = _prune_at_split(trial, param_ratio, s, method, calibration, tokens, heldout_tokens,
+                                               options, width_options, progress)
             except LayerfoldError as exc:
                 cand.error = str(exc)
                 continue
             cand.layers = len(trial.arch.layer_list(trial.model))
             cand.params = parameter_count(trial.model)
-            cand.width = width.after if width else None
+            if width is not None:
+                cand.width, cand.attention = width.after, width.attention
+                cand.attention_search = width.target.get("attention_search")
             cand.heldout_nll = perplexity_of_windows(trial.model, heldout_tokens, bos=False,
                                                      batch_size=calibration.batch_size, progress=False)[0]
             if on_candidate is not None:

@@ -33,8 +33,9 @@ def shrink(
     set_: Annotated[list[str] | None, Opt("--set", help="Depth method option, key=value (repeatable).")] = None,
     importance: Annotated[str, Opt(help="wanda-sp (activation-weighted magnitude), flap (fluctuation) or "
                                         "taylor (|w * grad|, LLM-Pruner).")] = "wanda-sp",
-    attention: Annotated[str, Opt(help="groups (remove whole KV groups), query-heads (the same number of "
-                                       "query heads in every group) or off (MLP only).")] = "groups",
+    attention: Annotated[str, Opt(help="auto (the share between attention and MLP with the lowest held-out "
+                                       "calibration loss), groups (remove whole KV groups), query-heads (the "
+                                       "same number of query heads in every group) or off (MLP only).")] = "auto",
     heads: Annotated[int | None, Opt(help="Attention units removed per layer (KV groups, or query heads per "
                                           "group); default: the width share, rounded.")] = None,
     multiple_of: Annotated[int, Opt(help="Round the kept MLP width to a multiple of this.")] = 8,
@@ -44,7 +45,8 @@ def shrink(
     calib_seq_len: Annotated[int, Opt(help="Tokens per calibration sample.")] = 128,
     seed: Annotated[int, Opt(help="Seed for calibration sampling.")] = 1234,
     calib_sampling: Annotated[str, Opt(help="random (seeded) or strided.")] = "random",
-    held_out: Annotated[int, Opt(help="--split auto: held-out calibration windows that pick the split.")] = 16,
+    held_out: Annotated[int, Opt(help="Held-out calibration windows that pick --split auto and --attention "
+                                      "auto.")] = 16,
     ppl: Annotated[str, Opt(help="Perplexity before and after, comma-separated sources ('' for none).")] = "ptb",
     ppl_windows: Annotated[int, Opt(help="128-token windows per perplexity source.")] = 40,
     overwrite: Annotated[bool, Opt(help="Replace an existing output folder.")] = False,

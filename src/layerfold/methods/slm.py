@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from layerfold.calibrate import LayerCache
@@ -30,6 +30,13 @@ from layerfold.similarity import sample_cosine, similarity_matrix
 
 CRITERIA = ("output-cosine", "cka-linear", "cka-rbf", "angular", "loss")
 Window = tuple[int, int]
+
+
+def _token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-token cosine in float64; two identical vectors count as 1 even when both are zero."""
+    a, b = a.double(), b.double()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    return torch.where((a == b).all(dim=-1), torch.ones_like(cos), cos).flatten()
 
 
 @dataclass
@@ -225,8 +232,7 @@ class SlmEngine:
         if window not in self.memo:
             outs = self.cache.run(lo, [(self.candidate(window), lo)])
             target = self.cache.inputs[hi + 1]
-            cos = [torch.nn.functional.cosine_similarity(o.double(), t.to(o.device).double(), dim=-1).flatten()
-                   for o, t in zip(outs, target, strict=True)]
+            cos = [_token_cosine(o, t.to(o.device)) for o, t in zip(outs, target, strict=True)]
             self.memo[window] = float(1 - torch.cat(cos).mean())
             self.evaluated += 1
         return self.memo[window]
@@ -301,19 +307,33 @@ class SlmEngine:
 
 @register
 class SlidingLayerMerging(Method):
-    """Sliding Layer Merging (Zhu et al. 2025, arXiv 2502.19159), with layerfold's measured defaults."""
+    """Sliding Layer Merging (Zhu et al. 2025, arXiv 2502.19159), with layerfold's measured defaults.
+
+    Defaults (chosen on PTB-valid perplexity, benchmarks/results/quality.md): windows of
+    consecutive layers are chosen jointly (``selection="optimal"``: the set of windows that
+    removes exactly the requested number of layers with the least summed dissimilarity between
+    a window's fused output and its original output), and each window keeps its base layer
+    (``merge="base"``).  The paper's procedure is ``slm-paper``; the authors' code, ``slm-reference``.
+    """
 
     name: ClassVar[str] = "slm"
     needs_target: ClassVar[bool] = False
-    selection: Literal["sliding", "greedy", "optimal"] = "sliding"
+    selection: Literal["sliding", "greedy", "optimal"] = "optimal"
     criterion: Literal["output-cosine", "cka-linear", "cka-rbf", "angular", "loss"] = "output-cosine"
-    merge: str = "diff"
+    merge: str = "base"
     norms: Literal["base", "merge"] = "base"
     scale: float = 1.0
     fit: Literal["none", "ridge"] = "none"
     ridge: float = Field(default=1e-2, gt=0)
     max_window: int = Field(default=8, ge=2)
-    threshold: float | None = None
+    threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _threshold_means_sliding(self):
+        """A threshold is the paper's stopping rule: with one and no explicit selection, slide."""
+        if self.threshold is not None and "selection" not in self.model_fields_set:
+            self.selection = "sliding"
+        return self
 
     def plan(self, ctx: PlanContext) -> PlanResult:
         from layerfold.merge import MERGES
@@ -335,7 +355,8 @@ class SlidingLayerMerging(Method):
                                                    ("fit", self.fit if self.fit != "none" else None)) if v is not None})
                for lo, hi in sorted(run.windows)]
         plan = ctx.new_plan(self.name, ops, merge={"operator": self.merge, "norms": self.norms, "scale": self.scale},
-                            criterion=self.criterion, threshold=threshold,
+                            criterion="window-cosine" if self.selection == "optimal" else self.criterion,
+                            threshold=threshold,
                             scores={"candidates_evaluated": engine.evaluated, "selection": self.selection})
         overrides = {}
         if self.fit != "none":
@@ -365,6 +386,8 @@ class SlmPaper(SlidingLayerMerging):
     """SLM exactly as the paper describes it: sliding windows, output cosine, difference merge."""
 
     name: ClassVar[str] = "slm-paper"
+    selection: Literal["sliding", "greedy", "optimal"] = "sliding"
+    merge: str = "diff"
 
 
 @register
@@ -372,4 +395,5 @@ class SlmReference(SlidingLayerMerging):
     """SLM as the authors' released code behaves: the fused layer is the window's top layer."""
 
     name: ClassVar[str] = "slm-reference"
+    selection: Literal["sliding", "greedy", "optimal"] = "sliding"
     merge: str = "reference"

@@ -53,10 +53,11 @@ class HealReport:
 def make_accelerator(device: str = "auto"):
     from accelerate import Accelerator
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LayerfoldError(f"--device {device} asked for, but no CUDA device is available")
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise LayerfoldError(f"unknown device '{device}': use auto, cpu or cuda (accelerate places each process)")
+    if device not in ("auto", "cpu", "cuda"):
+        raise LayerfoldError(f"--device {device}: use auto, cpu or cuda (accelerate places each process; pick GPUs "
+                             "with CUDA_VISIBLE_DEVICES)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LayerfoldError("--device cuda asked for, but no CUDA device is available")
     return Accelerator(cpu=device == "cpu")
 
 
