@@ -80,7 +80,7 @@ def heal_config(args, mode: str):
 
 
 def prune(dense: LoadedModel, method: str, remove: int, args) -> tuple[LoadedModel, dict]:
-    model = copy.deepcopy(dense.model)
+    model = copy.deepcopy(dense.model).requires_grad_(True)  # gradient-based planners need it
     loaded = wrap_model(model, dense.tokenizer, source=f"{dense.source}-{method}")
     layers = len(dense.arch.layer_list(dense.model))
     calib = CalibrationConfig(source=args.calib_source, samples=args.calib_samples, seq_len=128, seed=args.seed)
@@ -92,6 +92,13 @@ def prune(dense: LoadedModel, method: str, remove: int, args) -> tuple[LoadedMod
                                                                   result.plan.operations],
                     "planning_seconds": round(time.perf_counter() - start, 2),
                     "layers": len(loaded.arch.layer_list(model)), "parameters": parameter_count(model)}
+
+
+def tenth_losses(losses: list[dict]) -> dict[str, float]:
+    """Mean training loss over the first and the last tenth of the steps (one step is noisy)."""
+    k = max(1, len(losses) // 10)
+    return {"loss_first_tenth": sum(x["loss"] for x in losses[:k]) / k,
+            "loss_last_tenth": sum(x["loss"] for x in losses[-k:]) / k}
 
 
 def run_mode(pruned: LoadedModel, dense: LoadedModel, mode: str, args) -> dict:
@@ -107,9 +114,8 @@ def run_mode(pruned: LoadedModel, dense: LoadedModel, mode: str, args) -> dict:
            "epochs_over_data": round(record["epochs_over_data"], 3),
            "train_seconds": record["train_seconds_this_run"],
            "tokens_per_second": round(record["tokens_trained"] / max(record["train_seconds_this_run"], 1e-9)),
-           "peak_gpu_memory_gib": record["peak_gpu_memory_gib"], "loss_first": record["loss_first"],
-           "loss_last": record["loss_last"], "losses": record["losses"], "trainable_parameters":
-               record["lora"]["trainable_parameters"]}
+           "peak_gpu_memory_gib": record["peak_gpu_memory_gib"], **tenth_losses(record["losses"]),
+           "losses": record["losses"], "trainable_parameters": record["lora"]["trainable_parameters"]}
     del report, student
     gc.collect()
     return row
@@ -152,7 +158,7 @@ def markdown(res: dict, smoke: bool) -> str:
     sources = list(res["dense"]["perplexity"])
     recipe = res["recipe"]
     head = "| model | layers | " + " | ".join(f"{s} ppl" for s in sources) + \
-        " | steps | tokens | train loss first -> last | heal time (s) | tokens/s |"
+        " | steps | tokens | train loss, first -> last tenth of steps | heal time (s) | tokens/s |"
     sep = "|" + "---|" * (head.count("|") - 1)
     rows = [f"| dense | {res['dense']['layers']} | " + " | ".join(_fmt(res['dense']['perplexity'][s])
                                                                   for s in sources) + " | - | - | - | - | - |"]
@@ -162,8 +168,8 @@ def markdown(res: dict, smoke: bool) -> str:
         for row in facts["healed"]:
             rows.append(f"| {method} + {row['mode']} | {facts['layers']} | " +
                         " | ".join(_fmt(row['perplexity'][s]) for s in sources) +
-                        f" | {row['steps']} | {row['tokens_trained']:,} | {row['loss_first']:.3f} -> "
-                        f"{row['loss_last']:.3f} | {row['train_seconds']:.1f} | {row['tokens_per_second']:,} |")
+                        f" | {row['steps']} | {row['tokens_trained']:,} | {row['loss_first_tenth']:.3f} -> "
+                        f"{row['loss_last_tenth']:.3f} | {row['train_seconds']:.1f} | {row['tokens_per_second']:,} |")
     plans = "\n".join(f"- {m}: {f['plan']}" for m, f in res["methods"].items())
     title = "# Recovery after pruning: LoRA vs distillation" + (" (CPU SMOKE RUN, not a result)" if smoke else "")
     warning = ("\n**A CPU smoke run proving the script works end to end; its figures are not the benchmark "

@@ -188,7 +188,12 @@ class WidthPlan:
     version: int = WIDTH_PLAN_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
+        """Indented, but one line per layer (the kept-index lists are long)."""
+        raw = asdict(self)
+        layers = raw.pop("layers")
+        head = json.dumps(raw, indent=1)
+        rows = ",\n  ".join(json.dumps(lw, separators=(",", ":")) for lw in layers)
+        return head[:-2] + ',\n "layers": [\n  ' + rows + "\n ]\n}"
 
     @classmethod
     def from_dict(cls, raw: dict) -> WidthPlan:

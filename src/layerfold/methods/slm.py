@@ -230,7 +230,10 @@ class SlmEngine:
         window's original output, per token, averaged; both on the original model's activations."""
         lo, hi = window
         if window not in self.memo:
-            outs = self.cache.run(lo, [(self.candidate(window), lo)])
+            if self.merge == "base" and self.fit == "none" and self.norms == "base":
+                outs = self.cache.inputs[lo + 1]  # the fused layer is layer lo itself: its output is cached
+            else:
+                outs = self.cache.run(lo, [(self.candidate(window), lo)])
             target = self.cache.inputs[hi + 1]
             cos = [_token_cosine(o, t.to(o.device)) for o, t in zip(outs, target, strict=True)]
             self.memo[window] = float(1 - torch.cat(cos).mean())

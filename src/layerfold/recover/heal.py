@@ -104,7 +104,7 @@ def _teacher(config: HealConfig, teacher: LoadedModel | None, student: LoadedMod
     if teacher.model.get_output_embeddings().weight.shape[0] != student.model.get_output_embeddings().weight.shape[0]:
         raise LayerfoldError("the teacher's vocabulary differs from the pruned model's: distil from the model "
                              "that was pruned")
-    teacher.model.eval().requires_grad_(False)
+    teacher.model.eval()  # outputs are taken under no_grad; the caller's flags stay as they are
     return teacher
 
 
