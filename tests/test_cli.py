@@ -91,7 +91,7 @@ def test_folder_without_tokenizer(run, tmp_path, tiny_model):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--threshold", "2"], "--threshold must be a similarity between -1 and 1"),
+    (["--threshold", "2"], "option 'threshold': Input should be less than or equal to 1"),
     (["--target-layers", "0"], "--target-layers must be at least 1"),
     (["--target-layers", "6"], "--target-layers must be between 1 and 5"),
     (["--target-layers", "9"], "--target-layers must be between 1 and 5"),

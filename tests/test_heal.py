@@ -49,7 +49,7 @@ def text_file(tmp_path_factory):
     return str(path)
 
 
-def tiny_model(kind: str, vocab: int = 97):
+def small_model(kind: str, vocab: int = 97):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
@@ -76,7 +76,7 @@ def run(model, tokenizer, cfg, out=None, **kwargs):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
 def test_targets_are_every_projection_inside_the_decoder_layers(kind):
-    model = tiny_model(kind)
+    model = small_model(kind)
     names = projection_names(model)
     per_layer = len(names) // 3
     assert len(names) == 3 * per_layer and per_layer >= 4
@@ -86,7 +86,7 @@ def test_targets_are_every_projection_inside_the_decoder_layers(kind):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_loss_goes_down_on_repeated_text(kind, tokenizer, text_file):
-    report = run(tiny_model(kind), tokenizer, config(text_file, max_steps=20))
+    report = run(small_model(kind), tokenizer, config(text_file, max_steps=20))
     losses = [log["loss"] for log in report.losses]
     assert len(losses) == 20 and [log["step"] for log in report.losses] == list(range(1, 21))
     assert sum(losses[-3:]) / 3 < losses[0] - 0.1
@@ -98,7 +98,7 @@ def test_loss_goes_down_on_repeated_text(kind, tokenizer, text_file):
 def test_output_reloads_with_plain_transformers(kind, tokenizer, text_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = tiny_model(kind)
+    model = small_model(kind)
     apply_plan(model, Plan(method="test", num_layers=3, operations=[Operation("drop", 1, 1)]))
     report = run(model, tokenizer, config(text_file, max_steps=3), out=tmp_path / "healed")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "healed").eval()
@@ -116,7 +116,7 @@ def test_output_reloads_with_plain_transformers(kind, tokenizer, text_file, tmp_
 
 
 def test_healing_changes_the_weights(tokenizer, text_file):
-    model = tiny_model("llama")
+    model = small_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = run(model, tokenizer, config(text_file, max_steps=2))
     after = report.model.state_dict()
@@ -127,7 +127,7 @@ def test_healing_changes_the_weights(tokenizer, text_file):
 
 def test_resume_continues_at_the_right_step(tokenizer, text_file, tmp_path):
     cfg = config(text_file, max_steps=6, checkpoint_every=2)
-    straight = run(tiny_model("llama"), tokenizer, cfg, out=tmp_path / "straight")
+    straight = run(small_model("llama"), tokenizer, cfg, out=tmp_path / "straight")
 
     class Interrupt(Exception):
         pass
@@ -138,13 +138,13 @@ def test_resume_continues_at_the_right_step(tokenizer, text_file, tmp_path):
 
     out = tmp_path / "resumed"
     with pytest.raises(Interrupt):
-        run(tiny_model("llama"), tokenizer, cfg, out=out, on_step=stop_at_5)
+        run(small_model("llama"), tokenizer, cfg, out=out, on_step=stop_at_5)
     assert latest_checkpoint(checkpoint_dir_for(out)).name == "step-000004"
     with pytest.raises(LayerfoldError, match="--resume"):
-        run(tiny_model("llama"), tokenizer, cfg, out=out)
+        run(small_model("llama"), tokenizer, cfg, out=out)
 
     seen: list[int] = []
-    resumed = run(tiny_model("llama"), tokenizer, cfg, out=out, resume=True, on_step=lambda s, _: seen.append(s))
+    resumed = run(small_model("llama"), tokenizer, cfg, out=out, resume=True, on_step=lambda s, _: seen.append(s))
     assert seen == [5, 6]
     assert resumed.record["resumed_from_step"] == 4
     assert [log["step"] for log in resumed.losses] == [1, 2, 3, 4, 5, 6]
@@ -162,15 +162,15 @@ def test_resume_refuses_another_recipe(tokenizer, text_file, tmp_path):
 
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        run(tiny_model("llama"), tokenizer, config(text_file, max_steps=4, checkpoint_every=2), out=out,
+        run(small_model("llama"), tokenizer, config(text_file, max_steps=4, checkpoint_every=2), out=out,
             on_step=stop_at_3)
     with pytest.raises(LayerfoldError, match="lr"):
-        run(tiny_model("llama"), tokenizer, config(text_file, max_steps=4, checkpoint_every=2, lr=1e-3), out=out,
+        run(small_model("llama"), tokenizer, config(text_file, max_steps=4, checkpoint_every=2, lr=1e-3), out=out,
             resume=True)
 
 
 def test_distillation_loss_is_zero_when_student_is_teacher(tokenizer, text_file):
-    student = tiny_model("llama")
+    student = small_model("llama")
     teacher = wrap_model(copy.deepcopy(student), tokenizer, source="teacher")
     cfg = config(text_file, max_steps=1, distill="teacher", hidden_weight=1.0, ce_weight=0.0)
     report = run(student, tokenizer, cfg, teacher=teacher)
@@ -182,7 +182,7 @@ def test_distillation_loss_is_zero_when_student_is_teacher(tokenizer, text_file)
 
 
 def test_distillation_pulls_a_pruned_student_towards_its_teacher(tokenizer, text_file):
-    teacher_model = tiny_model("llama")
+    teacher_model = small_model("llama")
     student = copy.deepcopy(teacher_model)
     apply_plan(student, Plan(method="test", num_layers=3, operations=[Operation("drop", 1, 1)]))
     teacher = wrap_model(teacher_model, tokenizer, source="teacher")
@@ -235,7 +235,7 @@ def test_cli_heals_a_model_folder(tokenizer, text_file, tmp_path):
     from layerfold.cli import app
     from layerfold.commands import register_all
 
-    model = tiny_model("qwen2")
+    model = small_model("qwen2")
     model.save_pretrained(tmp_path / "pruned")
     tokenizer.save_pretrained(tmp_path / "pruned")
     register_all(app)

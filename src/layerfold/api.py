@@ -20,7 +20,14 @@ from layerfold.plan import Plan
 from layerfold.surgery import apply_plan as _apply_plan
 from layerfold.surgery import save_model
 
-__all__ = ["LoadedModel", "PruneReport", "analyze", "apply_plan", "evaluate", "load_model", "make_plan", "prune"]
+__all__ = ["LoadedModel", "PruneReport", "analyze", "apply_plan", "evaluate", "heal", "load_model", "make_plan", "prune"]
+
+
+def heal(*args, **kwargs):
+    """LoRA healing or distillation of a pruned model; see :func:`layerfold.recover.heal`."""
+    from layerfold.recover import heal as _heal
+
+    return _heal(*args, **kwargs)
 
 
 def analyze(*args, **kwargs):
@@ -102,6 +109,7 @@ class PruneReport:
     perplexity_before: dict[str, float] = field(default_factory=dict)
     perplexity_after: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    ppl_windows: int | None = None
 
 
 def prune(model: LoadedModel | str | None = None, out: str | Path | None = None, method: str = "slm",
@@ -128,13 +136,12 @@ def prune(model: LoadedModel | str | None = None, out: str | Path | None = None,
     report = PruneReport(plan=result.plan, out=None, layers_before=layers_before,
                          layers_after=len(loaded.arch.layer_list(loaded.model)), params_before=params_before,
                          params_after=parameter_count(loaded.model), perplexity_before=before,
-                         perplexity_after=after, seconds=time.perf_counter() - start)
+                         perplexity_after=after, seconds=time.perf_counter() - start, ppl_windows=ppl_windows)
     if out is not None:
         extra = {"plan.json": result.plan.to_json() + "\n",
                  "README.md": model_card(report, loaded, command or _command_line())}
-        report.out = save_model(loaded.model, loaded.tokenizer, out, overwrite=overwrite, extra_files=extra)
-        if result.overrides:
-            save_plan(result, report.out / "plan.json")
+        report.out = save_model(loaded.model, loaded.tokenizer, out, overwrite=overwrite, extra_files=extra,
+                                write_extra=lambda folder: save_plan(result, folder / "plan.json"))
     return report
 
 
@@ -151,10 +158,11 @@ def _command_line() -> str:
 
 def model_card(report: PruneReport, loaded: LoadedModel, command: str) -> str:
     plan = report.plan
-    rows = "\n".join(f"| {s} | {report.perplexity_before[s]:.2f} | {report.perplexity_after.get(s, float('nan')):.2f} |"
-                     for s in report.perplexity_before)
-    ppl = f"\n## Perplexity (128-token windows, first 40, no BOS)\n\n| text | before | after |\n|---|---|---|\n{rows}\n" \
-        if rows else ""
+    rows = "\n".join(f"| {s} | {before:.2f} | {report.perplexity_after.get(s, float('nan')):.2f} |"
+                     for s, before in report.perplexity_before.items())
+    windows = "all" if report.ppl_windows is None else f"first {report.ppl_windows}"
+    ppl = (f"\n## Perplexity (128-token windows, {windows}, no BOS)\n\n| text | before | after |\n|---|---|---|\n"
+           f"{rows}\n") if rows else ""
     return f"""---
 library_name: transformers
 tags: [layerfold, depth-pruning]

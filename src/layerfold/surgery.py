@@ -103,7 +103,7 @@ def rewrite_config(config, arch: Architecture, sources: list[int]) -> None:
 
 
 def save_model(model: nn.Module, tokenizer, out: str | Path, overwrite: bool = False,
-               extra_files: dict[str, str] | None = None) -> Path:
+               extra_files: dict[str, str] | None = None, write_extra=None) -> Path:
     """Save with ``save_pretrained`` into a temporary folder beside ``out``, then rename.
 
     Nothing half-written is ever left at ``out``: a failure removes the temporary folder.
@@ -115,6 +115,8 @@ def save_model(model: nn.Module, tokenizer, out: str | Path, overwrite: bool = F
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         model.save_pretrained(tmp)
+        if write_extra is not None:
+            write_extra(tmp)  # more files, written inside the temporary folder so they land atomically
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
