@@ -55,12 +55,12 @@ def _planning(method, threshold, target_layers, ratio, param_ratio, criterion, m
 
 Method = Annotated[str, typer.Option(help="Planner: slm (default), shortgpt, angular, laco, sleb, "
                                           "shortened-ppl, shortened-taylor, last-n. See `layerfold methods`.")]
-Threshold = Annotated[float | None, typer.Option(help="slm: similarity threshold, as in the paper.")]
+Threshold = Annotated[float | None, typer.Option(help="slm, laco: similarity threshold, as in the papers.")]
 TargetLayers = Annotated[int | None, typer.Option("--target-layers", help="Layers to keep.")]
 Ratio = Annotated[float | None, typer.Option(help="Share of decoder layers to remove (default 0.2 for slm).")]
 ParamRatio = Annotated[float | None, typer.Option("--param-ratio", help="Share of all parameters to remove.")]
 Criterion = Annotated[str | None, typer.Option(help="slm: output-cosine, cka-linear, cka-rbf or angular.")]
-Merge = Annotated[str | None, typer.Option(help="slm: merge operator (diff, mean, reference, base, ...).")]
+Merge = Annotated[str | None, typer.Option(help="slm, laco: merge operator (diff, mean, reference, base).")]
 Norms = Annotated[str | None, typer.Option(help="slm: norm parameters: base (keep the base layer's) or merge.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Other method option, key=value (repeatable).")]
 CalibSource = Annotated[str, typer.Option(help="Calibration text: books, ptb-train, wikitext2, or a file.")]
