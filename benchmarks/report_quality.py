@@ -62,7 +62,7 @@ def plot(rows: dict, out: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     by_method: dict[str, list] = {}
-    for (name, ratio), r in rows.items():
+    for (name, _ratio), r in rows.items():
         if name != "dense":
             by_method.setdefault(name, []).append((30 - r.get("layers", 30), r))
     dense = rows.get(("dense", 0.0), {})

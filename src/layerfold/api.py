@@ -20,7 +20,8 @@ from layerfold.plan import Plan
 from layerfold.surgery import apply_plan as _apply_plan
 from layerfold.surgery import save_model
 
-__all__ = ["LoadedModel", "PruneReport", "analyze", "apply_plan", "evaluate", "heal", "load_model", "make_plan", "prune"]
+__all__ = ["LoadedModel", "PruneReport", "analyze", "apply_plan", "evaluate", "heal", "load_model", "make_plan",
+           "prune"]
 
 
 def heal(*args, **kwargs):
