@@ -61,10 +61,10 @@ PPL = [("wikitext2", 128), ("ptb", 128), ("lambada", 128), ("ptb-valid", 128), (
 def measure(loaded, args, zeroshot: bool = False, lengths: tuple[int, ...] = (128,)) -> dict:
     row: dict = {}
     for source, seq_len in PPL:
-        if seq_len not in lengths:
+        if seq_len not in lengths or (args.sources and source not in args.sources.split(",")):
             continue
         try:
-            r = perplexity(loaded.model, loaded.tokenizer, source, seq_len, batch_size=args.batch_size,
+            r = perplexity(loaded.model, loaded.tokenizer, source, seq_len, bos=args.bos, batch_size=args.batch_size,
                            max_windows=args.ppl_windows if seq_len == 128 else args.ppl_windows_long, progress=False)
             row[f"ppl/{source}@{seq_len}"] = r.perplexity
         except Exception as exc:  # a missing source must not lose the row
@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--ppl-windows-long", type=int, default=None, help="2048-token windows per source (all)")
     parser.add_argument("--long", action="store_true", help="2048-token perplexity for the zero-shot rows")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--bos", action="store_true", help="BOS first in every perplexity window (Gemma needs it)")
+    parser.add_argument("--sources", default=None, help="perplexity texts (default: all of PPL)")
     parser.add_argument("--calib-samples", type=int, default=10)
     parser.add_argument("--calib-source", default="books")
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="no zero-shot started after this")
