@@ -44,7 +44,7 @@ def table(rows: dict, ratio: float) -> str:
     chosen.sort(key=lambda kr: kr[1].get("ppl/ptb-valid@128", float("inf")))
     for (name, _), r in ([(("dense", 0.0), dense)] if dense else []) + chosen:
         zs = r.get("zeroshot", {})
-        label = "**slm (default) = slm/optimal+base**" if name == "slm/optimal+base" else name
+        label = "**slm (default) = slm/greedy+base**" if name == "slm/greedy+base" else name
         cells = [label, str(r.get("layers", "-")), fmt(r.get("prune_seconds"), 2)]
         cells += [fmt(r.get(k)) for k in PPL]
         cells += [fmt(100 * r["zs/mean"]) if "zs/mean" in r else "-",

@@ -149,7 +149,7 @@ def test_a_threshold_alone_means_the_papers_sliding_loop():
     from layerfold.methods.base import make_method
 
     assert make_method("slm", {"threshold": 0.9}).selection == "sliding"
-    assert make_method("slm", {}).selection == "optimal"
+    assert make_method("slm", {}).selection == "greedy"
     assert make_method("slm-paper", {}).merge == "diff"
 
 
@@ -160,6 +160,7 @@ def test_optimal_selection_folds_the_window_whose_layers_do_nothing():
         for i in (4, 5):
             model.model.layers[i].self_attn.o_proj.weight.zero_()
             model.model.layers[i].mlp.down_proj.weight.zero_()
-    result = api.make_plan(wrap_model(model), "slm", Target(layers=6), tokens=tokens(), progress=False)
+    result = api.make_plan(wrap_model(model), "slm", Target(layers=6), options={"selection": "optimal"},
+                           tokens=tokens(), progress=False)
     assert result.plan.windows() == [(3, 5)]
     assert result.plan.operations[0].score == pytest.approx(1.0)
