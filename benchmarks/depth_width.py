@@ -24,6 +24,7 @@ import copy
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 from layerfold import api
+from layerfold.cli import _options
 from layerfold.data.tokens import CalibrationConfig
 from layerfold.evaluate.perplexity import perplexity
 from layerfold.models.arch import parameter_count
@@ -52,6 +54,16 @@ def machine() -> dict:
             "torch_threads": torch.get_num_threads(), "lscpu_head": lscpu}
 
 
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "src"], capture_output=True, text=True,
+                               check=False).stdout
+    except OSError:
+        return "unknown"
+    return head.strip() + (" (src/ has uncommitted changes)" if dirty.strip() else "")
+
+
 def evaluate(loaded, windows: int) -> dict[str, float]:
     return {s: perplexity(loaded.model, loaded.tokenizer, s, seq_len=128, max_windows=windows,
                           progress=False).perplexity for s in SOURCES}
@@ -70,20 +82,21 @@ def row_of(loaded, before: int, label: str, windows: int, **extra) -> dict:
     return row
 
 
-def run_budget(base, ratio: float, splits: list[float], method: str, calib: CalibrationConfig, held_out: int,
-               windows: int, before: int) -> dict:
+def run_budget(base, ratio: float, splits: list[float], method: str, options: dict, calib: CalibrationConfig,
+               held_out: int, windows: int, before: int) -> dict:
     rows: list[dict] = []
 
     def on_candidate(cand, trial) -> None:
         rows.append(row_of(trial, before, f"split {cand.split}", windows, split=cand.split,
                            heldout_nll=round(cand.heldout_nll, 4), attention=cand.attention,
+                           depth_plan=cand.depth_plan, depth_options=cand.depth_options,
                            attention_search=cand.attention_search,
                            seconds_since_start=round(time.perf_counter() - start, 1)))
 
     loaded = copy.deepcopy(base)
     start = time.perf_counter()
-    result = depth_width_prune(loaded, ratio, split="auto", method=method, calibration=calib, splits=splits,
-                               held_out=held_out, progress=False, on_candidate=on_candidate)
+    result = depth_width_prune(loaded, ratio, split="auto", method=method, calibration=calib, options=options,
+                               splits=splits, held_out=held_out, progress=False, on_candidate=on_candidate)
     errors = [{"split": c.split, "error": c.error} for c in result.candidates if c.error]
     return {"param_ratio": ratio, "chosen_split": result.split, "rows": rows, "errors": errors,
             "depth_plan": result.depth.plan.summary() if result.depth else None,
@@ -114,7 +127,8 @@ def markdown(record: dict) -> str:
         "PTB test (lines joined by spaces). No recovery training. Budgets are shares of ALL parameters "
         "(embeddings included, tied embeddings counted once). `split` = share of the removed parameters taken "
         "by depth (0: width only, 1: depth only); depth rounds up to whole layers, width takes the rest. "
-        f"Depth: `{record['method']}` (default options) planned with `Target(param_ratio=split * P)`; width: "
+        f"Depth: `{record['method']}` (options {json.dumps(record['method_options'] or 'default')}; as validated: "
+        f"`{json.dumps(record['depth_options'])}`) planned with `Target(param_ratio=split * P)`; width: "
         "wanda-sp importance, one width for all layers, kept MLP width a multiple of 8, attention `auto` (the "
         "share between attention and MLP with the lowest held-out calibration loss among: no attention, "
         "whole KV groups, query heads in every group; column `attention`). "
@@ -122,7 +136,7 @@ def markdown(record: dict) -> str:
         f"`{record['calibration']['source']}` (seed {record['calibration']['seed']}); the split marked **auto** is "
         f"the one `--split auto` picks: lowest NLL on {record['held_out']} held-out windows of the same "
         "calibration source (evaluation sets never steer a choice).", "",
-        f"Command: `{record['command']}`", "",
+        f"Command: `{record['command']}` (layerfold commit {record['layerfold_commit']})", "",
         f"Machine: {m['platform']}, {m['cpu_count']} CPUs (shared), torch {m['torch']}, transformers "
         f"{m['transformers']}, python {m['python']}.", "",
         "```", *m["lscpu_head"], "```", "",
@@ -165,6 +179,8 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.2,0.35")
     parser.add_argument("--splits", default="0,0.25,0.5,0.75,1")
     parser.add_argument("--method", default="slm")
+    parser.add_argument("--set", dest="options", action="append", default=[],
+                        help="depth method option key=value (JSON value), repeatable")
     parser.add_argument("--windows", type=int, default=60)
     parser.add_argument("--held-out", type=int, default=16)
     parser.add_argument("--variants", default="flap:auto,taylor:auto,wanda-sp:groups,wanda-sp:query-heads",
@@ -180,8 +196,10 @@ def main() -> None:
     from layerfold.width import held_out_windows
 
     heldout = held_out_windows(base.tokenizer, calib, args.held_out)
-    record = {"command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]), "machine": machine(),
-              "method": args.method, "windows": args.windows, "held_out": args.held_out,
+    options = _options(args.options)
+    record = {"command": "python " + shlex.join(sys.argv), "machine": machine(),
+              "layerfold_commit": git_commit(), "method": args.method, "method_options": options,
+              "windows": args.windows, "held_out": args.held_out,
               "calibration": calib.describe(),
               "dense_heldout_nll": perplexity_of_windows(base.model, heldout, bos=False, progress=False)[0],
               "dense": row_of(base, before, "dense", args.windows), "budgets": [], "variants": []}
@@ -190,12 +208,14 @@ def main() -> None:
     partial = args.out.with_suffix(".partial.json")
     partial.parent.mkdir(parents=True, exist_ok=True)
     for ratio in ratios:
-        record["budgets"].append(run_budget(base, ratio, splits, args.method, calib, args.held_out, args.windows,
-                                            before))
+        record["budgets"].append(run_budget(base, ratio, splits, args.method, options, calib, args.held_out,
+                                            args.windows, before))
         partial.write_text(json.dumps(record, indent=1) + "\n")  # a long run keeps what it has measured
     variants = [v for v in args.variants.split(",") if v]
     for ratio in ratios:
         record["variants"] += width_variants(base, ratio, calib, args.windows, before, variants)
+    record["depth_options"] = next((r["depth_options"] for b in record["budgets"] for r in b["rows"]
+                                    if r.get("depth_options")), None)
     record["seconds"] = round(time.perf_counter() - start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")

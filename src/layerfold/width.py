@@ -723,6 +723,8 @@ class SplitCandidate:
     width: dict | None = None  # widths after, when width pruning took part
     attention: str | None = None  # how width pruning treated attention (auto picks one)
     attention_search: list | None = None
+    depth_plan: str | None = None  # summary of the depth step's plan
+    depth_options: dict | None = None  # the depth method's options, as validated
     error: str | None = None
 
 
@@ -857,6 +859,9 @@ def depth_width_prune(loaded, param_ratio: float, split: float | str = "auto", m
                 continue
             cand.layers = len(trial.arch.layer_list(trial.model))
             cand.params = parameter_count(trial.model)
+            if depth is not None:
+                cand.depth_plan = depth.plan.summary()
+                cand.depth_options = depth.plan.provenance.get("options")
             if width is not None:
                 cand.width, cand.attention = width.after, width.attention
                 cand.attention_search = width.target.get("attention_search")
@@ -917,7 +922,8 @@ def _card(loaded, width: WidthPlan | None, depth, record: ShrinkRecord | None, c
     if depth is not None:
         lines += ["Depth: " + depth.plan.summary().replace("\n", " "), ""]
     if width is not None:
-        lines += ["Width: " + width.summary() + ". Every layer keeps the same number of MLP channels and heads "
+        text = width.summary()
+        lines += [text[0].upper() + text[1:] + ". Every layer keeps the same number of MLP channels and heads "
                   "(chosen per layer by importance), because a transformers config holds one "
                   "`intermediate_size` and one head count; `head_dim` is written explicitly.", ""]
     if record is not None and record.depth_width:
