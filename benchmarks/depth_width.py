@@ -197,7 +197,9 @@ def main() -> None:
 
     heldout = held_out_windows(base.tokenizer, calib, args.held_out)
     options = _options(args.options)
-    record = {"command": "python " + shlex.join(sys.argv), "machine": machine(),
+    wikitext = os.environ.get("LAYERFOLD_WIKITEXT2")
+    command = (f"LAYERFOLD_WIKITEXT2={wikitext} " if wikitext else "") + "python " + shlex.join(sys.argv)
+    record = {"command": command, "machine": machine(),
               "layerfold_commit": git_commit(), "method": args.method, "method_options": options,
               "windows": args.windows, "held_out": args.held_out,
               "calibration": calib.describe(),
