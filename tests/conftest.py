@@ -91,14 +91,13 @@ def build_tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_for_tiny_models(request):
-    """Tiny models run fastest on one thread: with more, each small matmul pays the thread
-    pool's hand-off (tens of ms on a busy 2-core machine).  ``slow`` tests (the real model)
-    keep torch's default."""
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Every test runs torch on one thread: tiny models run fastest so (with more, each small
+    matmul pays the thread pool's hand-off, tens of ms on a busy 2-core machine), and the real
+    model's tests stay predictable on a shared CI machine."""
     threads = torch.get_num_threads()
-    if request.node.get_closest_marker("slow") is None:
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 

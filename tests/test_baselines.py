@@ -31,15 +31,6 @@ from layerfold.surgery import apply_plan
 VOCAB = 96
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: threads only add synchronisation cost (and the CI machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_llama(layers: int = 6, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,

@@ -36,10 +36,7 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cli():
     register_all(app)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: more threads only contend on a shared CI machine
-    yield CliRunner(env={"COLUMNS": "250"})
-    torch.set_num_threads(threads)
+    return CliRunner(env={"COLUMNS": "250"})
 
 
 def test_bench_cli_dense_vs_pruned(folders, cli):

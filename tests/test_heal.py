@@ -21,15 +21,6 @@ from layerfold.surgery import apply_plan
 TEXT = "the cat sat on the mat. a dog ran in the fog. " * 60
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matrices: thread start-up costs more than the work on a shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers

@@ -31,14 +31,6 @@ def _layerfold_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "layerfold.cli"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pruned_by_cli(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("real") / "smollm2-27"

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from layerfold import api
 from layerfold.data.tokens import CalibrationConfig, sample_windows
@@ -27,12 +26,9 @@ _spec.loader.exec_module(naive)
 
 @pytest.fixture(scope="module")
 def smollm2():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     loaded = api.load_model()
     tokens = sample_windows(loaded.tokenizer, CalibrationConfig(source="books", samples=2, seq_len=32, seed=1234))
-    yield loaded, tokens
-    torch.set_num_threads(threads)
+    return loaded, tokens
 
 
 @pytest.mark.parametrize("threshold", [0.995, 0.98])

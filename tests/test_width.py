@@ -30,14 +30,6 @@ SUPPORTED = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", 
 RATIO = 0.3  # tiny models (4 heads / 2 KV, 64 channels): one KV group and 16 MLP channels per layer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: more threads only contend on a shared CI machine
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tokens(n: int = 4, t: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 160, (n, t), generator=torch.Generator().manual_seed(seed))
 

@@ -48,9 +48,14 @@ class LayerCache:
     def batches(self) -> int:
         return len(self.inputs[0])
 
+    def input_of(self, i: int) -> torch.Tensor:
+        """Hidden states entering layer ``i`` on all samples (``i == L``: the last layer's
+        output), ``[N, T, H]`` on CPU."""
+        return torch.cat([h.cpu() for h in self.inputs[i]])
+
     def output(self, i: int) -> torch.Tensor:
         """Output of layer ``i`` (= input of ``i + 1``) on all samples, ``[N, T, H]`` on CPU."""
-        return torch.cat([h.cpu() for h in self.inputs[i + 1]])
+        return self.input_of(i + 1)
 
     def run(self, start: int, modules: Sequence[tuple[nn.Module, int]], hidden: list[torch.Tensor] | None = None,
             final_norm: bool = False) -> list[torch.Tensor]:
@@ -104,9 +109,8 @@ def capture(model: nn.Module, arch: Architecture, tokens: torch.Tensor, batch_si
             hidden = args[0] if args else kwargs["hidden_states"]
             rest_args = args[1:] if args else ()
             rest = {k: _detach(v) for k, v in kwargs.items() if k != "hidden_states" and k not in _DROP_KWARGS}
-            rest["use_cache"] = False if "use_cache" in kwargs else rest.get("use_cache", False)
-            if "use_cache" not in kwargs:
-                rest.pop("use_cache")
+            if "use_cache" in rest:
+                rest["use_cache"] = False
             cache.inputs[idx].append(hidden.detach().to(store))
             cache.extras[idx].append((tuple(_detach(a) for a in rest_args), rest))
 

@@ -109,11 +109,8 @@ def save_model(model: nn.Module, tokenizer, out: str | Path, overwrite: bool = F
     Nothing half-written is ever left at ``out``: a failure removes the temporary folder.
     """
     out = Path(out).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise LayerfoldError(f"output folder {out} exists: choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         if write_extra is not None:
             write_extra(tmp)  # more files, written inside the temporary folder so they land atomically
@@ -121,11 +118,26 @@ def save_model(model: nn.Module, tokenizer, out: str | Path, overwrite: bool = F
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+
+    write_folder(out, overwrite, write)
+    return out
+
+
+def write_folder(out: Path, overwrite: bool, write):
+    """Run ``write(tmp)`` on a temporary folder beside ``out``, then rename it to ``out``
+    (replacing an existing one only with ``overwrite``); return what ``write`` returned.
+    Nothing half-written is ever left at ``out``: a failure removes the temporary folder."""
+    if out.exists() and not overwrite:
+        raise LayerfoldError(f"output folder {out} exists: choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        result = write(tmp)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+    return result
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

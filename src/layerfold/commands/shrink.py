@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from layerfold.cli import CalibSamples, CalibSeqLen, CalibSource, Sampling, Seed
 from layerfold.errors import LayerfoldError
 
 Opt = typer.Option
@@ -40,11 +41,11 @@ def shrink(
                                           "group); default: the width share, rounded.")] = None,
     multiple_of: Annotated[int, Opt(help="Round the kept MLP width to a multiple of this.")] = 8,
     plan: Annotated[Path | None, Opt(help="Apply a saved width_plan.json instead of planning.")] = None,
-    calib_source: Annotated[str, Opt(help="Calibration text: books, ptb-train, wikitext2, or a file.")] = "books",
-    calib_samples: Annotated[int, Opt(help="Calibration samples.")] = 10,
-    calib_seq_len: Annotated[int, Opt(help="Tokens per calibration sample.")] = 128,
-    seed: Annotated[int, Opt(help="Seed for calibration sampling.")] = 1234,
-    calib_sampling: Annotated[str, Opt(help="random (seeded) or strided.")] = "random",
+    calib_source: CalibSource = "books",
+    calib_samples: CalibSamples = 10,
+    calib_seq_len: CalibSeqLen = 128,
+    seed: Seed = 1234,
+    calib_sampling: Sampling = "random",
     held_out: Annotated[int, Opt(help="Held-out calibration windows that pick --split auto and --attention "
                                       "auto.")] = 16,
     ppl: Annotated[str, Opt(help="Perplexity before and after, comma-separated sources ('' for none).")] = "ptb",

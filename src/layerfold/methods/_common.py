@@ -23,12 +23,6 @@ def batch_targets(cache: LayerCache) -> list[torch.Tensor]:
     return list(torch.split(cache.tokens, sizes))
 
 
-def layer_input(cache: LayerCache, i: int) -> torch.Tensor:
-    """Hidden states entering layer ``i`` on all samples (``i == L``: the last layer's output),
-    ``[N, T, H]`` on CPU."""
-    return torch.cat([h.cpu() for h in cache.inputs[i]])
-
-
 def output_head(cache: LayerCache) -> nn.Module:
     head = cache.model.get_output_embeddings()
     if head is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from layerfold.methods._common import drop_ops, layer_input
+from layerfold.methods._common import drop_ops
 from layerfold.methods.base import Method, PlanContext, PlanResult, register
 from layerfold.similarity import angular_similarity
 
@@ -25,7 +25,7 @@ class AngularDistance(Method):
     def plan(self, ctx: PlanContext) -> PlanResult:
         n = self.required_removal(ctx)
         cache = ctx.cache
-        last_tokens = [layer_input(cache, i)[:, -1:, :] for i in range(cache.num_layers + 1)]
+        last_tokens = [cache.input_of(i)[:, -1:, :] for i in range(cache.num_layers + 1)]
         distance = {lo: 1.0 - angular_similarity(last_tokens[lo], last_tokens[lo + n])
                     for lo in range(cache.num_layers - n + 1)}
         start = min(distance, key=lambda lo: (distance[lo], lo))

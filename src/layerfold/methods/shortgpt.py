@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from layerfold.methods._common import drop_ops, layer_input, lowest
+from layerfold.methods._common import drop_ops, lowest
 from layerfold.methods.base import Method, PlanContext, PlanResult, register
 from layerfold.similarity import cosine
 
@@ -24,7 +24,7 @@ class ShortGPT(Method):
     def plan(self, ctx: PlanContext) -> PlanResult:
         remove = self.required_removal(ctx)
         cache = ctx.cache
-        influence = {i: 1.0 - cosine(layer_input(cache, i), layer_input(cache, i + 1)) for i in range(cache.num_layers)}
+        influence = {i: 1.0 - cosine(cache.input_of(i), cache.input_of(i + 1)) for i in range(cache.num_layers)}
         chosen = lowest(influence, remove)
         plan = ctx.new_plan(self.name, drop_ops(chosen, influence), criterion="block-influence",
                             scores={"block_influence": [influence[i] for i in range(cache.num_layers)],

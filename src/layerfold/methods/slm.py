@@ -24,6 +24,7 @@ from layerfold.calibrate import LayerCache
 from layerfold.correction import fit_output_projection
 from layerfold.errors import LayerfoldError
 from layerfold.merge import build_fused_layer
+from layerfold.methods._common import calibration_loss
 from layerfold.methods.base import Method, PlanContext, PlanResult, register
 from layerfold.plan import Operation
 from layerfold.similarity import sample_cosine, similarity_matrix
@@ -180,22 +181,11 @@ class SlmEngine:
         return self.cache.layers[segment[0]] if segment[0] == segment[1] else self.fused(segment)
 
     def score_output(self, outs: list[torch.Tensor]) -> float:
-        """Higher is better: cosine with the original's final hidden states, or minus the LM loss."""
+        """Higher is better: cosine with the original's final hidden states (``outs`` after the
+        final norm), or minus the calibration LM loss (``outs`` before it)."""
         if self.criterion == "output-cosine":
             return sample_cosine(torch.cat(outs), self.reference_output())
-        head = self.cache.model.get_output_embeddings()
-        total, count = 0.0, 0
-        start = 0
-        with torch.no_grad():
-            for h in outs:
-                ids = self.cache.tokens[start:start + h.shape[0]].to(h.device)
-                start += h.shape[0]
-                logits = head(h).float()
-                loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                         ids[:, 1:].reshape(-1), reduction="sum")
-                total += float(loss)
-                count += ids[:, 1:].numel()
-        return -total / count
+        return -calibration_loss(self.cache, outs)
 
     def greedy(self, budget: int, progress: bool = True) -> SlmRun:
         """Fold adjacent segments one pair at a time, each time the pair whose fused layer
@@ -211,7 +201,8 @@ class SlmEngine:
                 window = (segments[k][0], segments[k + 1][1])
                 modules = [(self.candidate(window), window[0])]
                 modules += [(self.module_of(seg), seg[0]) for seg in segments[k + 2:]]
-                outs = self.cache.run(window[0], modules, hidden=current[window[0]], final_norm=True)
+                outs = self.cache.run(window[0], modules, hidden=current[window[0]],
+                                      final_norm=self.criterion == "output-cosine")
                 score = self.score_output(outs)
                 self.evaluated += 1
                 if best is None or score > best[0]:

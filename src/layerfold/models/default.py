@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from layerfold.assets import SMOLLM2, asset_dir, cache_dir
 from layerfold.errors import LayerfoldError
+from layerfold.surgery import save_model
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,16 +63,6 @@ def convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
     config._name_or_path = DEFAULT_MODEL_NAME
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(gguf_model.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / MARKER).write_text(json.dumps({"source": f"{SMOLLM2.requirement}:{gguf_file}",
-                                              "sha256": GGUF_SHA256, "dtype": "float32"}, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    marker = json.dumps({"source": f"{SMOLLM2.requirement}:{gguf_file}", "sha256": GGUF_SHA256,
+                         "dtype": "float32"}, indent=2)
+    save_model(model, tokenizer, target, overwrite=True, extra_files={MARKER: marker})

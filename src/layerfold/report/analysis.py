@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +30,7 @@ from layerfold.methods.base import PlanContext, PlanResult, Target
 from layerfold.models.load import LoadedModel, load_model, wrap_model
 from layerfold.plan import Plan, library_versions
 from layerfold.similarity import SIMILARITIES, _subsample, _tokens, linear_kernel, rbf_kernel
+from layerfold.surgery import write_folder
 
 DEFAULT_MEASURES = ("cka-linear", "cka-rbf", "cosine", "angular")
 KERNELS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"cka-linear": linear_kernel, "cka-rbf": rbf_kernel}
@@ -181,7 +179,7 @@ def analyze(model: LoadedModel | torch.nn.Module | str | None, out: str | Path,
     seconds["before_writing"] = time.perf_counter() - start
     record = _record(ctx, matrices, the_plan, given_tokens=tokens is not None)
     record["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-    files = write_atomically(out, overwrite, lambda folder: _write_files(folder, record, matrices, the_plan))
+    files = write_folder(out, overwrite, lambda folder: _write_files(folder, record, matrices, the_plan))
     record["seconds"]["total"] = round(time.perf_counter() - start, 3)
     return {**record, "out": str(out), "files": files}
 
@@ -261,27 +259,3 @@ def write_csv(matrix: torch.Tensor, path: Path) -> None:
         writer.writerow(["layer", *range(count)])
         for i, row in enumerate(matrix.tolist()):
             writer.writerow([i, *(repr(float(v)) for v in row)])
-
-
-def write_atomically(out: Path, overwrite: bool, write: Callable[[Path], list[str]]) -> list[str]:
-    """Run ``write`` on a temporary folder beside ``out``, then rename it to ``out`` (replacing
-    an existing one only with ``overwrite``); nothing half-written is left at ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        files = write(tmp)
-        if out.exists():
-            _refuse_existing(out, overwrite)
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return files
