@@ -20,6 +20,7 @@ import copy
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -47,6 +48,12 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "slm/greedy+base+fit": ("slm", {"selection": "greedy", "merge": "base", "fit": "ridge"}),
     "slm/greedy+mean+fit": ("slm", {"selection": "greedy", "merge": "mean", "fit": "ridge"}),
     "slm/greedy-loss+base+fit": ("slm", {"selection": "greedy", "criterion": "loss", "merge": "base", "fit": "ridge"}),
+    "slm/greedy+refine": ("slm", {"selection": "greedy", "refine": 3}),
+    "slm/greedy+refine-r2": ("slm", {"selection": "greedy", "refine": 3, "refine_radius": 2}),
+    "slm/portfolio": ("slm", {"selection": "portfolio"}),
+    "slm/portfolio+refine": ("slm", {"selection": "portfolio", "refine": 3}),
+    "slm/greedy-loss+base": ("slm", {"selection": "greedy", "criterion": "loss"}),
+    "slm/portfolio-loss+refine": ("slm", {"selection": "portfolio", "criterion": "loss", "refine": 3}),
     "shortgpt": ("shortgpt", {}),
     "angular": ("angular", {}),
     "laco": ("laco", {}),
@@ -107,6 +114,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=10)
     parser.add_argument("--calib-source", default="books")
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="no zero-shot started after this")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense row (another process measures it)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     start = time.perf_counter()
@@ -129,7 +137,8 @@ def main() -> None:
     # phase 1: plan, apply, perplexity for every configuration
     plans: dict[tuple[str, float], object] = {}
     valid: dict[str, list[float]] = {}
-    if names:
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    if not args.no_dense:
         emit({"config": "dense", "ratio": 0.0, "layers": n, "phase": "ppl", **measure(base, args, False)})
     for name in names:
         method, options = CONFIGS[name]

@@ -26,24 +26,39 @@ SETTINGS = [("books", 10), ("books", 32), ("books", 128), ("wikitext2", 10)]
 
 
 def main() -> None:
-    torch.set_num_threads(2)
-    base = api.load_model()
-    for method in ("slm", "shortgpt"):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--methods", default="slm,shortgpt")
+    parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--windows", type=int, default=60, help="perplexity windows per text (0: all)")
+    parser.add_argument("--bos", action="store_true")
+    args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(2)
+    base = api.load_model(args.model, device=args.device)
+    for method in args.methods.split(","):
         for source, samples in SETTINGS:
             loaded = copy.deepcopy(base)
             calib = CalibrationConfig(source=source, samples=samples, seq_len=128, seed=1234)
             t0 = time.perf_counter()
-            result = api.make_plan(loaded, method, Target(ratio=0.2), calib, progress=False)
+            result = api.make_plan(loaded, method, Target(ratio=args.ratio), calib, progress=False)
             seconds = time.perf_counter() - t0
             api.apply_plan(loaded, result)
-            row = {"method": method, "calib_source": source, "calib_samples": samples,
+            where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{platform.machine()} CPU"
+            row = {"method": method, "model": args.model or "SmolLM2-135M", "ratio": args.ratio,
+                   "calib_source": source, "calib_samples": samples,
                    "plan": result.plan.summary(), "plan_seconds": round(seconds, 1),
-                   "machine": f"{platform.machine()} CPU, torch {torch.__version__}"}
-            for text in ("ptb", "wikitext2"):
+                   "machine": f"{where}, torch {torch.__version__}"}
+            windows = args.windows or None
+            for text in ("ptb", "wikitext2", "lambada"):
                 if text == source:
                     continue
-                row[f"ppl/{text}@128x60"] = perplexity(loaded.model, loaded.tokenizer, text, 128, max_windows=60,
-                                                       progress=False).perplexity
+                row[f"ppl/{text}@128x{windows or 'all'}"] = perplexity(
+                    loaded.model, loaded.tokenizer, text, 128, bos=args.bos, max_windows=windows,
+                    progress=False).perplexity
             print(json.dumps(row), flush=True)
 
 

