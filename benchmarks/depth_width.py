@@ -174,6 +174,16 @@ def markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
+def _gpu_section(md: Path) -> str:
+    """The GPU section that ``depth_width_gpu.py report`` wrote into ``md``, kept across CPU reruns."""
+    from depth_width_gpu import BEGIN, END
+
+    text = md.read_text() if md.exists() else ""
+    if BEGIN not in text or END not in text:
+        return ""
+    return BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", default="0.2,0.35")
@@ -221,7 +231,9 @@ def main() -> None:
     record["seconds"] = round(time.perf_counter() - start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(record))
+    md = args.out.with_suffix(".md")
+    gpu = _gpu_section(md)
+    md.write_text(markdown(record) + (f"\n{gpu}" if gpu else ""))
     partial.unlink(missing_ok=True)
     print(markdown(record))
 

@@ -34,13 +34,15 @@ def main() -> None:
     parser.add_argument("jobs")
     parser.add_argument("--logs", required=True)
     parser.add_argument("--per-gpu", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=4, help="OMP/MKL threads per job")
+    parser.add_argument("--threads", type=int, default=2, help="OMP/MKL threads per job")
+    parser.add_argument("--gpus", default=None, help="comma list of GPU indices to use (default: all)")
     args = parser.parse_args()
     jobs = [line.strip() for line in Path(args.jobs).read_text().splitlines()
             if line.strip() and not line.lstrip().startswith("#")]
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
-    slots = [gpu for _ in range(args.per_gpu) for gpu in range(gpu_count())]
+    gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else list(range(gpu_count()))
+    slots = [gpu for _ in range(args.per_gpu) for gpu in gpus]
     running: dict[int, tuple[subprocess.Popen, int, float, str]] = {}  # slot -> (process, job, start, cmd)
     queue = list(enumerate(jobs))
     status = logs / "status.jsonl"

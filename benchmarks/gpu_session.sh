@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/gpu_session.sh receive          # copy this call's carried .carry/* into ~/lf
 #   bash benchmarks/gpu_session.sh setup            # SmolLM2 GGUF + data + wheels in place
-#   bash benchmarks/gpu_session.sh launch JOBS      # start a queue of jobs (a file of commands)
+#   bash benchmarks/gpu_session.sh launch JOBS [PER_GPU] [GPUS]  # start a queue (a file of commands)
 #   bash benchmarks/gpu_session.sh gemma            # assemble + convert Gemma-3-270M to ~/lf/gemma
 #   bash benchmarks/gpu_session.sh status           # progress; results packed into $OUT/results.tgz
 #
@@ -43,7 +43,7 @@ launch)
   name=$(basename "$2" .txt)
   cp "$2" "$LF/out/$name.jobs"
   (cd "$snap" && setsid nohup python3 benchmarks/gpu_queue.py "$LF/out/$name.jobs" --logs "$LF/out/$name" \
-     --per-gpu "${3:-3}" > "$LF/out/$name.queue.log" 2>&1 < /dev/null &)
+     --per-gpu "${3:-3}" ${4:+--gpus "$4"} > "$LF/out/$name.queue.log" 2>&1 < /dev/null &)
   echo "launched $name from $snap"
   ;;
 gemma)

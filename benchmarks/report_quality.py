@@ -1,26 +1,36 @@
-"""Turn the JSON lines written by benchmarks/quality.py into quality.md tables and a plot.
+"""Turn the JSON lines written by benchmarks/quality.py into tables, a JSON summary, a plot and
+the validation ranking that picks layerfold's default.
 
-    python benchmarks/report_quality.py benchmarks/results/quality_run1.jsonl benchmarks/results/quality_run2.jsonl
+    python benchmarks/report_quality.py --model SmolLM2-135M=benchmarks/results/quality_smol \\
+        --model Gemma-3-270M=benchmarks/results/quality_gemma
+
+Each ``--model LABEL=PATH`` names a folder of ``*.jsonl`` (or one file); rows of the same
+configuration and ratio are merged (perplexity phase + zero-shot phase).  Prints markdown (one
+table per model and ratio, then the ranking) and writes quality.json and quality.png beside
+the first folder's parent (``--out``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import math
 from pathlib import Path
 
 TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
-PPL = ["ppl/wikitext2@128", "ppl/ptb@128", "ppl/lambada@128", "ppl/ptb-valid@128"]
+PPL = ["ppl/wikitext2@128", "ppl/ptb@128", "ppl/lambada@128", "ppl/ptb-valid@128", "ppl/wikitext2@2048",
+       "ppl/ptb@2048"]
+PPL_HEAD = ["WikiText-2", "PTB", "LAMBADA", "PTB-valid", "WikiText-2 @2048", "PTB @2048"]
+SELECTION = "ppl/ptb-valid@128"
 
 
-def load(paths: list[str]) -> dict[tuple[str, float], dict]:
+def load(path: Path) -> dict[tuple[str, float], dict]:
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
     rows: dict[tuple[str, float], dict] = {}
-    for path in paths:
-        for line in Path(path).read_text().splitlines():
+    for file in files:
+        for line in file.read_text().splitlines():
             row = json.loads(line)
-            if "config" not in row or row["config"] == "slm":
-                # run 1 measured "slm" when its defaults were still the paper's (its rows equal
-                # slm-paper's); the current default is the row slm/optimal+base
+            if "config" not in row:
                 continue
             merged = rows.setdefault((row["config"], row["ratio"]), {})
             merged.update({k: v for k, v in row.items() if v is not None})
@@ -35,68 +45,104 @@ def fmt(value, digits: int = 1) -> str:
     return f"{value:.{digits}f}"
 
 
-def table(rows: dict, ratio: float) -> str:
-    head = ("| method | layers | prune s | WikiText-2 | PTB | LAMBADA | PTB-valid | 7-task avg | avg w/o BoolQ | "
+def pct(row: dict, key: str) -> str:
+    return fmt(100 * row[key]) if row.get(key) is not None else "-"
+
+
+def table(rows: dict, ratio: float, default: str) -> str:
+    head = ("| method | layers | prune s | " + " | ".join(PPL_HEAD) + " | 7-task avg | avg w/o BoolQ | "
             + " | ".join(TASKS) + " |")
-    lines = [head, "|" + "---|" * (9 + len(TASKS))]
+    lines = [head, "|" + "---|" * (5 + len(PPL) + len(TASKS))]
     dense = rows.get(("dense", 0.0))
     chosen = [(k, r) for k, r in rows.items() if k[1] == ratio]
-    chosen.sort(key=lambda kr: kr[1].get("ppl/ptb-valid@128", float("inf")))
+    chosen.sort(key=lambda kr: kr[1].get(SELECTION) or float("inf"))
     for (name, _), r in ([(("dense", 0.0), dense)] if dense else []) + chosen:
         zs = r.get("zeroshot", {})
-        label = "**slm (default) = slm/greedy+base**" if name == "slm/greedy+base" else name
+        label = f"**{name}** (default)" if name == default else name
         cells = [label, str(r.get("layers", "-")), fmt(r.get("prune_seconds"), 2)]
         cells += [fmt(r.get(k)) for k in PPL]
-        cells += [fmt(100 * r["zs/mean"]) if "zs/mean" in r else "-",
-                  fmt(100 * r["zs/mean_without_boolq"]) if "zs/mean_without_boolq" in r else "-"]
+        cells += [pct(r, "zs/mean"), pct(r, "zs/mean_without_boolq")]
         cells += [fmt(100 * zs[t]) if t in zs else "-" for t in TASKS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(rows: dict, out: Path) -> None:
+def ranking(models: dict[str, dict]) -> list[tuple[float, str, list]]:
+    """Geometric mean of PTB-valid over every (model, ratio) measured; configurations missing
+    one are left out."""
+    cases = sorted({(m, k[1]) for m, rows in models.items() for k in rows if k[1] > 0})
+    names = {k[0] for rows in models.values() for k in rows if k[1] > 0}
+    ranked = []
+    for name in names:
+        values = [models[m].get((name, ratio), {}).get(SELECTION) for m, ratio in cases]
+        if all(v for v in values):
+            ranked.append((math.exp(sum(math.log(v) for v in values) / len(values)), name, values))
+    return sorted(ranked), cases
+
+
+def plot(models: dict[str, dict], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    by_method: dict[str, list] = {}
-    for (name, _ratio), r in rows.items():
-        if name != "dense":
-            by_method.setdefault(name, []).append((30 - r.get("layers", 30), r))
-    dense = rows.get(("dense", 0.0), {})
-    for name, points in sorted(by_method.items()):
-        points.sort(key=lambda p: p[0])
-        xs = [0] + [p[0] for p in points]
-        ppl = [dense.get("ppl/ptb@128")] + [p[1].get("ppl/ptb@128") for p in points]
-        style = "-o" if not name.startswith("slm/") and "/" not in name else ":."
-        ax1.plot(xs, ppl, style, label=name, linewidth=2.5 if name == "slm" else 1)
-        zs = [(0, dense.get("zs/mean"))] + [(p[0], p[1].get("zs/mean")) for p in points]
-        zs = [(x, 100 * y) for x, y in zs if y is not None]
-        if len(zs) > 1:
-            ax2.plot(*zip(*zs, strict=True), "-o", label=name, linewidth=2.5 if name == "slm" else 1)
-    ax1.set_yscale("log")
-    ax1.set_xlabel("decoder layers removed (of 30)")
-    ax1.set_ylabel("PTB test perplexity, 128 tokens (log)")
-    ax2.set_xlabel("decoder layers removed (of 30)")
-    ax2.set_ylabel("7-task zero-shot mean, % (300 docs/task)")
-    ax1.legend(fontsize=6, ncol=2)
-    ax2.legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M: depth pruning methods (benchmarks/results/quality.md)")
+    fig, axes = plt.subplots(len(models), 2, figsize=(13, 4.5 * len(models)), squeeze=False)
+    for (label, rows), (ax1, ax2) in zip(models.items(), axes, strict=True):
+        dense = rows.get(("dense", 0.0), {})
+        total = dense.get("layers", 0)
+        by_method: dict[str, list] = {}
+        for (name, _ratio), r in rows.items():
+            if name != "dense" and r.get("layers"):
+                by_method.setdefault(name, []).append((total - r["layers"], r))
+        for name, points in sorted(by_method.items()):
+            points.sort(key=lambda p: p[0])
+            main = "/" not in name
+            width = 2.5 if name == "slm" else 1
+            xs = [0] + [p[0] for p in points]
+            ppl = [dense.get("ppl/ptb@128")] + [p[1].get("ppl/ptb@128") for p in points]
+            ax1.plot(xs, ppl, "-o" if main else ":.", label=name, linewidth=width)
+            zs = [(0, dense.get("zs/mean"))] + [(p[0], p[1].get("zs/mean")) for p in points]
+            zs = [(x, 100 * y) for x, y in zs if y is not None]
+            if len(zs) > 1:
+                ax2.plot(*zip(*zs, strict=True), "-o" if main else ":.", label=name, linewidth=width)
+        ax1.set_yscale("log")
+        ax1.set_title(f"{label}: PTB test perplexity (128 tokens, log)")
+        ax2.set_title(f"{label}: 7-task zero-shot mean, %")
+        for ax in (ax1, ax2):
+            ax.set_xlabel(f"decoder layers removed (of {total})")
+        ax1.legend(fontsize=6, ncol=2)
+        ax2.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110)
 
 
 def main() -> None:
-    rows = load(sys.argv[1:])
-    out_dir = Path("benchmarks/results")
-    (out_dir / "quality.json").write_text(json.dumps([{"config": k[0], "ratio": k[1], **v}
-                                                     for k, v in sorted(rows.items())], indent=1) + "\n")
-    plot(rows, out_dir / "quality.png")
-    for ratio in sorted({k[1] for k in rows if k[1] > 0}):
-        print(f"\n### {int(round(ratio * 100))}% of decoder layers removed\n")
-        print(table(rows, ratio))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", action="append", required=True, help="LABEL=PATH (folder of .jsonl or a file)")
+    parser.add_argument("--default", default="slm", help="the configuration marked as layerfold's default")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    models = {}
+    for spec in args.model:
+        label, _, path = spec.partition("=")
+        models[label] = load(Path(path))
+    out = Path(args.out)
+    (out / "quality.json").write_text(json.dumps(
+        {label: [{"config": k[0], "ratio": k[1], **v} for k, v in sorted(rows.items())]
+         for label, rows in models.items()}, indent=1) + "\n")
+    plot(models, out / "quality.png")
+    for label, rows in models.items():
+        for ratio in sorted({k[1] for k in rows if k[1] > 0}):
+            print(f"\n### {label}, {int(round(ratio * 100))}% of decoder layers removed\n")
+            print(table(rows, ratio, args.default))
+    ranked, cases = ranking(models)
+    print("\n### Validation ranking (geometric mean of PTB-valid perplexity over "
+          + ", ".join(f"{m} {int(round(r * 100))}%" for m, r in cases) + ")\n")
+    print("| rank | configuration | geometric mean | " + " | ".join(f"{m} {int(round(r * 100))}%" for m, r in cases)
+          + " |")
+    print("|" + "---|" * (3 + len(cases)))
+    for i, (g, name, values) in enumerate(ranked, 1):
+        print(f"| {i} | {name} | {fmt(g)} | " + " | ".join(fmt(v) for v in values) + " |")
 
 
 if __name__ == "__main__":

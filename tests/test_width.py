@@ -293,3 +293,141 @@ def test_cli_width_and_combined(tmp_path, tiny_model_dir):
                                                                      do_sample=False, pad_token_id=0)
     result = CliRunner().invoke(app, ["shrink", str(folder), "--width", "0.3", "--param-ratio", "0.3"])
     assert isinstance(result.exception, LayerfoldError)
+
+
+# --------------------------------------------------------------------------- `layerfold prune` with width
+
+
+def _prune_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """``layerfold prune ...`` in-process through the real entry point (user errors: exit code 2)."""
+    import sys
+
+    from layerfold import cli
+
+    monkeypatch.setattr(sys, "argv", ["layerfold", "prune", *map(str, args)])
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def calib_text(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(" ".join(f"the cat number {i} sat on the mat." for i in range(200)))
+    return path
+
+
+def _calib_args(text) -> list[str]:
+    return ["--calib-source", str(text), "--calib-samples", "4", "--calib-seq-len", "16", "--held-out", "2",
+            "--ppl", ""]
+
+
+def test_prune_with_width_saves_one_folder_with_the_in_memory_logits(monkeypatch, capsys, tmp_path, tiny_model_dir,
+                                                                   calib_text):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from layerfold import api
+    from layerfold.data.tokens import CalibrationConfig
+    from layerfold.methods.base import Target
+    from layerfold.width import WidthRequest
+
+    folder = tiny_model_dir("llama")
+    head_dim = Geometry.of(AutoConfig.from_pretrained(folder)).head_dim
+    code, out, err = _prune_cli(monkeypatch, capsys, folder, "--target-layers", "4", "--width", "0.3",
+                                "--attention", "groups", "--out", tmp_path / "cli", *_calib_args(calib_text))
+    assert code == 0, err
+    assert "6 -> 4 layers" in out and "intermediate 64 -> 48" in out
+    saved = {p.name for p in (tmp_path / "cli").iterdir()}
+    assert {"config.json", "model.safetensors", "plan.json", "width_plan.json", "shrink.json", "README.md",
+            "tokenizer.json"} <= saved
+    config = AutoConfig.from_pretrained(tmp_path / "cli")
+    assert (config.num_hidden_layers, config.intermediate_size, config.num_attention_heads,
+            config.num_key_value_heads, config.head_dim) == (4, 48, 2, 1, head_dim)
+    assert json.loads((tmp_path / "cli" / "plan.json").read_text())["target"] == {"layers": 4}
+
+    # the same prune from Python: its folder and the CLI's reload with plain transformers to the
+    # in-memory model's logits
+    loaded = api.load_model(str(folder))
+    calib = CalibrationConfig(source=str(calib_text), samples=4, seq_len=16)
+    report = api.prune(loaded, tmp_path / "api", target=Target(layers=4), calibration=calib, progress=False,
+                       width=WidthRequest(ratio=0.3, attention="groups", held_out=2))
+    assert report.width.after["intermediate_size"] == 48 and report.layers_after == 4
+    ids = _tokens(2, 12)
+    expected = _logits(loaded.model.eval(), ids)
+    for saved_folder in (tmp_path / "api", tmp_path / "cli"):
+        reloaded = AutoModelForCausalLM.from_pretrained(saved_folder).eval()
+        assert parameter_count(reloaded) == report.params_after == parameter_count(loaded.model)
+        assert torch.equal(_logits(reloaded, ids), expected)
+
+
+def test_prune_param_ratio_split_and_reapply(monkeypatch, capsys, tmp_path, tiny_model_dir, calib_text):
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_model_dir("llama")
+    before = parameter_count(AutoModelForCausalLM.from_pretrained(folder))
+    code, out, err = _prune_cli(monkeypatch, capsys, folder, "--param-ratio", "0.3", "--split", "auto",
+                                "--multiple-of", "1", "--out", tmp_path / "dw", *_calib_args(calib_text))
+    assert code == 0, err
+    record = json.loads((tmp_path / "dw" / "shrink.json").read_text())["depth_width"]
+    assert [c["split"] for c in record["candidates"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert f"split {record['split']}" in out
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dw")
+    assert 1 - parameter_count(model) / before >= 0.29
+    assert model.config.num_hidden_layers == record["layers"][1]
+
+    # a fixed split with depth and width: the saved plans applied again give the same weights
+    code, _, err = _prune_cli(monkeypatch, capsys, folder, "--param-ratio", "0.3", "--split", "0.5",
+                              "--multiple-of", "1", "--out", tmp_path / "half", *_calib_args(calib_text))
+    assert code == 0, err
+    half = tmp_path / "half"
+    config = json.loads((half / "config.json").read_text())
+    assert config["num_hidden_layers"] < 6 and config["intermediate_size"] < 64
+    code, _, err = _prune_cli(monkeypatch, capsys, folder, "--plan", half / "plan.json", "--width-plan",
+                              half / "width_plan.json", "--out", tmp_path / "again", "--ppl", "")
+    assert code == 0, err
+    first = AutoModelForCausalLM.from_pretrained(half).state_dict()
+    second = AutoModelForCausalLM.from_pretrained(tmp_path / "again").state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--width", "1.5"], "--width must be between 0 and 1"),
+    (["--width", "0"], "--width must be between 0 and 1"),
+    (["--param-ratio", "0.3", "--split", "1.5"], "--split must be 'auto' or a number in [0, 1]"),
+    (["--param-ratio", "1.2", "--split", "auto"], "--param-ratio must be between 0 and 1"),
+    (["--split", "auto"], "--split shares --param-ratio between depth and width"),
+    (["--ratio", "0.3", "--split", "0.5"], "--split shares --param-ratio between depth and width"),
+    (["--param-ratio", "0.3", "--split", "0.5", "--threshold", "0.9"], "drop --threshold"),
+    (["--param-ratio", "0.3", "--split", "auto", "--width", "0.2"], "not --width and --split"),
+    (["--importance", "flap"], "--importance: width pruning options; add --width"),
+    (["--width", "0.3", "--importance", "tailor"], "Did you mean 'taylor'"),
+    (["--width", "0.3", "--heads", "1"], "--heads needs --attention groups or query-heads"),
+    (["--width-plan", "missing.json"], "width plan file missing.json does not exist"),
+])
+def test_prune_width_refuses_bad_combinations(args, message, monkeypatch, capsys, tmp_path, tiny_model_dir):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _prune_cli(monkeypatch, capsys, tiny_model_dir("llama"), "--out", tmp_path / "out", "--ppl",
+                                "", *args)
+    assert code == 2, (out, err)
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_prune_width_refuses_an_architecture_without_width_before_any_work(monkeypatch, capsys, tmp_path,
+                                                                          tiny_model_dir):
+    code, _, err = _prune_cli(monkeypatch, capsys, tiny_model_dir("gpt2"), "--target-layers", "4", "--width", "0.2",
+                              "--out", tmp_path / "out", "--ppl", "")
+    assert code == 2 and "width pruning does not support" in err and "supported model types" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_with_per_layer_widths_is_refused():
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=[64] * 6)
+    with pytest.raises(LayerfoldError, match="no single configured width"):
+        Geometry.of(config)

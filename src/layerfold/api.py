@@ -17,8 +17,8 @@ from layerfold.methods.base import PlanContext, PlanResult, Target, make_method
 from layerfold.models.arch import parameter_count
 from layerfold.models.load import LoadedModel, load_model, wrap_model
 from layerfold.plan import Plan
+from layerfold.surgery import SHARD_SIZE, save_model
 from layerfold.surgery import apply_plan as _apply_plan
-from layerfold.surgery import save_model
 
 __all__ = ["LoadedModel", "PruneReport", "analyze", "apply_plan", "evaluate", "heal", "load_model", "make_plan",
            "prune"]
@@ -50,17 +50,38 @@ def _as_loaded(model, dtype: str = "float32", device: str = "cpu") -> LoadedMode
 
 def make_plan(model: LoadedModel | str | None = None, method: str = "slm", target: Target | None = None,
               calibration: CalibrationConfig | None = None, options: dict | None = None,
-              progress: bool = True, tokens: torch.Tensor | None = None) -> PlanResult:
-    """Decide what to cut without changing the model (a dry run)."""
+              progress: bool = True, tokens: torch.Tensor | None = None, max_gpu_memory: str | int | None = None,
+              compute_device: str | torch.device | None = None) -> PlanResult:
+    """Decide what to cut without changing the model (a dry run).
+
+    ``max_gpu_memory`` (``"8GiB"``, ``"8GB"``, ``"8000MiB"`` or bytes) streams the model: its
+    weights stay in CPU memory and each decoder layer visits ``compute_device`` (default: the
+    current CUDA device) only while it runs (:mod:`layerfold.streaming`); the plan is the same."""
     loaded = _as_loaded(model)
     planner = make_method(method, options)
-    ctx = PlanContext(loaded=loaded, calibration=calibration or CalibrationConfig(), target=target or Target(),
-                      progress=progress, tokens_override=tokens)
-    start = time.perf_counter()
-    result = planner.plan(ctx)
-    result.plan.provenance["planning_seconds"] = round(time.perf_counter() - start, 3)
+    calibration = calibration or CalibrationConfig()
+    with streaming_for(loaded, max_gpu_memory, compute_device, calibration, tokens) as streamer:
+        ctx = PlanContext(loaded=loaded, calibration=calibration, target=target or Target(),
+                          progress=progress, tokens_override=tokens, streamer=streamer)
+        start = time.perf_counter()
+        result = planner.plan(ctx)
+        result.plan.provenance["planning_seconds"] = round(time.perf_counter() - start, 3)
     result.plan.provenance["options"] = planner.model_dump()
+    if streamer is not None:
+        result.plan.provenance["streaming"] = streamer.describe()
     return result
+
+
+def streaming_for(loaded: LoadedModel, max_gpu_memory: str | int | None, compute_device=None,
+                  calibration: CalibrationConfig | None = None, tokens: torch.Tensor | None = None):
+    """Layer streaming for one run over ``loaded`` (a null context without a cap); the budget is
+    checked against the calibration batches (``tokens`` if given)."""
+    from layerfold.streaming import layer_streaming
+
+    calibration = calibration or CalibrationConfig()
+    samples, seq_len = tokens.shape if tokens is not None else (calibration.samples, calibration.seq_len)
+    return layer_streaming(loaded.model, loaded.arch, max_gpu_memory, compute_device,
+                           batch_size=calibration.batch_size, seq_len=int(seq_len), samples=int(samples))
 
 
 def apply_plan(model: LoadedModel | torch.nn.Module, plan: Plan | PlanResult,
@@ -101,7 +122,7 @@ def load_plan(path: str | Path) -> PlanResult:
 
 @dataclass
 class PruneReport:
-    plan: Plan
+    plan: Plan | None  # the depth plan; None when width alone removed everything (--split picked 0)
     out: Path | None
     layers_before: int
     layers_after: int
@@ -111,29 +132,55 @@ class PruneReport:
     perplexity_after: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     ppl_windows: int | None = None
+    width: object | None = None  # the WidthPlan, when width pruning took part
+    depth_width: dict | None = None  # with --split: the split chosen and every candidate tried
 
 
 def prune(model: LoadedModel | str | None = None, out: str | Path | None = None, method: str = "slm",
           target: Target | None = None, calibration: CalibrationConfig | None = None,
           options: dict | None = None, plan: str | Path | PlanResult | None = None, overwrite: bool = False,
           ppl: tuple[str, ...] = (), ppl_windows: int | None = 40, progress: bool = True,
-          command: str | None = None) -> PruneReport:
-    """Plan (or read a saved plan), apply it, and save the pruned model with its plan and card."""
+          command: str | None = None, width=None, max_gpu_memory: str | int | None = None,
+          compute_device: str | torch.device | None = None, max_shard_size: str | int = SHARD_SIZE) -> PruneReport:
+    """Plan (or read a saved plan), apply it, and save the pruned model with its plan and card.
+
+    ``max_gpu_memory`` streams the model's layers through the GPU for planning and perplexity
+    (see :func:`make_plan`); the surgery runs on the CPU weights, and the model is written in
+    safetensors shards of at most ``max_shard_size``.
+
+    ``width`` (a :class:`layerfold.width.WidthRequest`) adds width pruning after the depth step,
+    or shares ``target.param_ratio`` between depth and width; see
+    :func:`layerfold.width.prune_with_width`."""
     loaded = _as_loaded(model)
+    if max_gpu_memory is not None:  # a bad size or a missing GPU fails before any work
+        from layerfold.streaming import parse_memory, resolve_compute_device
+
+        if width is not None:
+            raise LayerfoldError("--width cannot be combined with --max-gpu-memory yet: prune the depth with the "
+                                 "cap, then shrink the result")
+        parse_memory(max_gpu_memory)
+        compute_device = resolve_compute_device(compute_device)
+    if width is not None:
+        from layerfold.width import prune_with_width
+
+        return prune_with_width(loaded, out, width, method=method, target=target, calibration=calibration,
+                                options=options, plan=plan, overwrite=overwrite, ppl=ppl, ppl_windows=ppl_windows,
+                                progress=progress, command=command)
     if out is not None and Path(out).exists() and not overwrite:
         raise LayerfoldError(f"output folder {out} exists: choose another --out or pass --overwrite")
     start = time.perf_counter()
     layers_before = len(loaded.arch.layer_list(loaded.model))
     params_before = parameter_count(loaded.model)
-    before = _ppl(loaded, ppl, ppl_windows, progress)
+    before = _ppl(loaded, ppl, ppl_windows, progress, max_gpu_memory, compute_device)
     if plan is None:
-        result = make_plan(loaded, method, target, calibration, options, progress)
+        result = make_plan(loaded, method, target, calibration, options, progress, max_gpu_memory=max_gpu_memory,
+                           compute_device=compute_device)
     elif isinstance(plan, PlanResult):
         result = plan
     else:
         result = load_plan(plan)
     apply_plan(loaded, result)
-    after = _ppl(loaded, ppl, ppl_windows, progress)
+    after = _ppl(loaded, ppl, ppl_windows, progress, max_gpu_memory, compute_device)
     report = PruneReport(plan=result.plan, out=None, layers_before=layers_before,
                          layers_after=len(loaded.arch.layer_list(loaded.model)), params_before=params_before,
                          params_after=parameter_count(loaded.model), perplexity_before=before,
@@ -142,15 +189,20 @@ def prune(model: LoadedModel | str | None = None, out: str | Path | None = None,
         extra = {"plan.json": result.plan.to_json() + "\n",
                  "README.md": model_card(report, loaded, command or _command_line())}
         report.out = save_model(loaded.model, loaded.tokenizer, out, overwrite=overwrite, extra_files=extra,
-                                write_extra=lambda folder: save_plan(result, folder / "plan.json"))
+                                write_extra=lambda folder: save_plan(result, folder / "plan.json"),
+                                max_shard_size=max_shard_size)
     return report
 
 
-def _ppl(loaded: LoadedModel, sources: tuple[str, ...], windows: int | None, progress: bool) -> dict[str, float]:
+def _ppl(loaded: LoadedModel, sources: tuple[str, ...], windows: int | None, progress: bool,
+         max_gpu_memory: str | int | None = None, compute_device=None) -> dict[str, float]:
     from layerfold.evaluate.perplexity import perplexity
 
-    return {s: perplexity(loaded.model, loaded.tokenizer, s, max_windows=windows, progress=progress).perplexity
-            for s in sources}
+    if not sources:
+        return {}
+    with streaming_for(loaded, max_gpu_memory, compute_device, CalibrationConfig(samples=8)):
+        return {s: perplexity(loaded.model, loaded.tokenizer, s, max_windows=windows, progress=progress).perplexity
+                for s in sources}
 
 
 def _command_line() -> str:

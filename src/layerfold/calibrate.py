@@ -4,6 +4,12 @@ layers directly from those inputs.
 All methods and the SLM engine see the model through :class:`LayerCache`, so a candidate
 fused window is evaluated by running one new layer and the layers above it, never the whole
 model, and never a deep copy of it.
+
+Every module runs on its own execution device (:func:`layerfold.streaming.execution_device`):
+the device of its weights, the GPU of a model spread over several by accelerate's
+``device_map``, or the compute device of a layer streamed from the CPU
+(:mod:`layerfold.streaming`, ``--max-gpu-memory``); hidden states and call arguments are moved
+there before each call.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from layerfold.models.arch import Architecture
+from layerfold.streaming import LayerStreamer, execution_device
 
 _DROP_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
 
@@ -32,6 +39,7 @@ class LayerCache:
     inputs: list[list[torch.Tensor]] = field(default_factory=list)
     extras: list[list[tuple[tuple, dict]]] = field(default_factory=list)
     store_device: torch.device = torch.device("cpu")
+    streamer: LayerStreamer | None = None  # set when layers are streamed from the CPU
 
     @property
     def num_layers(self) -> int:
@@ -43,6 +51,10 @@ class LayerCache:
 
     @property
     def device(self) -> torch.device:
+        """Where the run starts (embeddings, final norm and LM head live here): the streaming
+        compute device, else the device of the model's first parameter."""
+        if self.streamer is not None and self.streamer.active:
+            return self.streamer.device
         return next(self.model.parameters()).device
 
     def batches(self) -> int:
@@ -65,12 +77,19 @@ class LayerCache:
         norm = self.arch.final_norm_module(self.model) if final_norm else None
         outs = []
         with torch.no_grad():
+            if self.streamer is not None and self.streamer.active:
+                # module by module, every batch through each: one transfer per module and run
+                outs = [h.to(self.device) for h in hidden]
+                for module, src in modules:
+                    with self.streamer.on_device(module):
+                        outs = [call_layer(module, h, self.extras[src][b], self.device) for b, h in enumerate(outs)]
+                return [_norm(norm, h) for h in outs] if norm is not None else outs
             for b, h in enumerate(hidden):
                 h = h.to(self.device)
                 for module, src in modules:
                     h = call_layer(module, h, self.extras[src][b], self.device)
                 if norm is not None:
-                    h = norm(h)
+                    h = _norm(norm, h)
                 outs.append(h)
         return outs
 
@@ -79,11 +98,18 @@ class LayerCache:
 
 
 def call_layer(module: nn.Module, hidden: torch.Tensor, extra: tuple[tuple, dict], device) -> torch.Tensor:
+    """Run one decoder layer (or fused layer) on ``hidden`` with the call arguments ``extra``,
+    on the module's own execution device (``device`` if it has no weights)."""
+    device = execution_device(module, device)
     args, kwargs = extra
     args = tuple(_to(a, device) for a in args)
     kwargs = {k: _to(v, device) for k, v in kwargs.items()}
-    out = module(hidden, *args, **kwargs)
+    out = module(hidden.to(device), *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+def _norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return norm(hidden.to(execution_device(norm, hidden.device)))
 
 
 def _to(value, device):
@@ -95,12 +121,20 @@ def _to(value, device):
 
 
 def capture(model: nn.Module, arch: Architecture, tokens: torch.Tensor, batch_size: int = 8,
-            store_device: str | torch.device | None = None, progress: bool = True) -> LayerCache:
-    """One forward pass over ``tokens`` ([N, T]) recording each layer's inputs and arguments."""
+            store_device: str | torch.device | None = None, progress: bool = True,
+            streamer: LayerStreamer | None = None) -> LayerCache:
+    """One forward pass over ``tokens`` ([N, T]) recording each layer's inputs and arguments.
+
+    With an attached ``streamer`` (layers streamed from the CPU), the activations are stored
+    on the CPU and later runs bring each module to the streamer's device."""
     layers = arch.layer_list(model)
     n_layers = len(layers)
-    store = torch.device(store_device) if store_device is not None else _default_store(model, tokens, n_layers)
-    cache = LayerCache(model=model, arch=arch, tokens=tokens, store_device=store,
+    if streamer is not None and streamer.active:
+        store = torch.device("cpu") if store_device is None else torch.device(store_device)
+    else:
+        streamer = None
+        store = torch.device(store_device) if store_device is not None else _default_store(model, tokens, n_layers)
+    cache = LayerCache(model=model, arch=arch, tokens=tokens, store_device=store, streamer=streamer,
                        inputs=[[] for _ in range(n_layers + 1)], extras=[[] for _ in range(n_layers)])
     handles = []
 
@@ -123,7 +157,7 @@ def capture(model: nn.Module, arch: Architecture, tokens: torch.Tensor, batch_si
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
     handles.append(layers[-1].register_forward_hook(last_hook))
-    device = next(model.parameters()).device
+    device = cache.device
     try:
         with torch.no_grad():
             chunks = list(torch.split(tokens, batch_size))

@@ -17,6 +17,31 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 ModelArg = Annotated[str | None, typer.Argument(help="Hub id or local folder; default: the embedded SmolLM2-135M.")]
 Dtype = Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+MaxGpuMemory = Annotated[str | None, typer.Option(
+    "--max-gpu-memory", help="Larger than the GPU: keep the weights in CPU memory and bring one decoder layer at "
+                             "a time to the GPU (--device, default cuda), within this much GPU memory: 8GiB, 8GB, "
+                             "8000MiB. Activations stay on the CPU; the plan is the same as without the cap.")]
+DeviceMap = Annotated[str | None, typer.Option(
+    "--device-map", help="Several GPUs: spread the model over them with accelerate (auto, balanced, "
+                         "balanced_low_0, sequential); each layer runs on its own GPU. Replaces --device.")]
+
+
+def _placement(device: str, max_gpu_memory: str | None, device_map: str | None) -> tuple[dict, dict]:
+    """(load_model keywords, streaming keywords for the API), checked before anything is loaded."""
+    if max_gpu_memory is not None and device_map is not None:
+        raise LayerfoldError("give either --max-gpu-memory (stream from the CPU through one GPU) or --device-map "
+                             "(spread over GPUs), not both")
+    if max_gpu_memory is not None:
+        from layerfold.streaming import parse_memory, resolve_compute_device
+
+        parse_memory(max_gpu_memory)
+        compute = resolve_compute_device(None if device in ("cpu", "auto") else device)
+        return {"device": "cpu"}, {"max_gpu_memory": max_gpu_memory, "compute_device": compute}
+    if device_map is not None:
+        from layerfold.models.load import resolve_device_map
+
+        return {"device_map": resolve_device_map(device_map)}, {}
+    return {"device": device}, {}
 
 
 def _split(value: str | None) -> tuple[str, ...]:
@@ -84,6 +109,24 @@ def prune(
     norms: Norms = None,
     set_: SetOpt = None,
     plan: Annotated[Path | None, typer.Option(help="Apply a saved plan.json instead of planning.")] = None,
+    width: Annotated[float | None, typer.Option(
+        help="Then width-prune: share of every remaining decoder layer's attention and MLP projection "
+             "parameters to remove (as `layerfold shrink --width`).")] = None,
+    split: Annotated[str | None, typer.Option(
+        help="Depth plus width under one --param-ratio: share of the removed parameters taken by depth "
+             "(0..1), or auto (tries 0, 0.25, 0.5, 0.75, 1 on held-out calibration loss).")] = None,
+    width_plan: Annotated[Path | None, typer.Option(
+        "--width-plan", help="Apply a saved width_plan.json after the depth step.")] = None,
+    importance: Annotated[str | None, typer.Option(
+        help="Width: wanda-sp (default), flap or taylor, as `layerfold shrink`.")] = None,
+    attention: Annotated[str | None, typer.Option(
+        help="Width: auto (default), groups, query-heads or off, as `layerfold shrink`.")] = None,
+    heads: Annotated[int | None, typer.Option(
+        help="Width: attention units removed per layer (with --attention groups or query-heads).")] = None,
+    multiple_of: Annotated[int | None, typer.Option(
+        help="Width: round the kept MLP width to a multiple of this (default 8).")] = None,
+    held_out: Annotated[int | None, typer.Option(
+        help="Width: held-out calibration windows that pick --split auto and --attention auto (default 16).")] = None,
     calib_source: CalibSource = "books",
     calib_samples: CalibSamples = 10,
     calib_seq_len: CalibSeqLen = 128,
@@ -95,21 +138,37 @@ def prune(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     dtype: Dtype = "float32",
     device: Device = "cpu",
+    max_gpu_memory: MaxGpuMemory = None,
+    device_map: DeviceMap = None,
 ) -> None:
-    """Prune a model and save it as a plain Hugging Face folder (with plan.json and a model card)."""
+    """Prune a model and save it as a plain Hugging Face folder (with plan.json and a model card);
+    with --width or --split, width pruning too, in the same folder."""
     from layerfold import api
 
     target, options, calib = _planning(method, threshold, target_layers, ratio, param_ratio, criterion, merge,
                                        norms, set_, calib_source, calib_samples, calib_seq_len, seed, calib_sampling)
     if plan is not None and not plan.is_file():
         raise LayerfoldError(f"plan file {plan} does not exist")
+    from layerfold.width import WidthRequest, check_width_support
+
+    widths = WidthRequest.from_options(width, split, width_plan, importance=importance, attention=attention,
+                                       heads=heads, multiple_of=multiple_of, held_out=held_out)
+    if widths is not None:
+        widths.check_depth(target, plan, options)
     _check_out(out, overwrite)
-    loaded = api.load_model(model, dtype=dtype, device=device)
+    load_kw, stream_kw = _placement(device, max_gpu_memory, device_map)
+    if widths is not None and max_gpu_memory is not None:
+        raise LayerfoldError("--width cannot be combined with --max-gpu-memory yet: prune the depth with the cap, "
+                             "then shrink the result")
+    loaded = api.load_model(model, dtype=dtype, **load_kw)
+    if widths is not None:
+        check_width_support(loaded)
     if out is None:
-        out = Path("layerfold-out") / f"{Path(loaded.source).name}-{method}"
+        out = Path("layerfold-out") / f"{Path(loaded.source).name}-{method}{'-width' if widths else ''}"
         _check_out(out, overwrite)
     report = api.prune(loaded, out, method=method, target=target, calibration=calib, options=options,
-                       plan=plan, overwrite=overwrite, ppl=_split(ppl), ppl_windows=ppl_windows)
+                       plan=plan, overwrite=overwrite, ppl=_split(ppl), ppl_windows=ppl_windows, width=widths,
+                       **stream_kw)
     _print_report(report)
 
 
@@ -124,7 +183,17 @@ def _print_report(report) -> None:
     from rich.table import Table
 
     console = Console()
-    console.print(report.plan.summary())
+    if report.plan is not None:
+        console.print(report.plan.summary())
+    if getattr(report, "width", None) is not None:
+        console.print(report.width.summary())
+    if getattr(report, "depth_width", None):
+        dw = report.depth_width
+        console.print(f"split {dw['split']} (share of removed parameters taken by depth): removed "
+                      f"{dw['achieved_ratio']:.1%} of parameters")
+        for cand in dw["candidates"]:
+            loss = f"{cand['heldout_nll']:.4f}" if cand["heldout_nll"] is not None else cand["error"]
+            console.print(f"  split {cand['split']}: layers {cand['layers']}, held-out calibration NLL {loss}")
     table = Table(show_header=True)
     table.add_column("")
     table.add_column("before", justify="right")
@@ -159,6 +228,8 @@ def plan_cmd(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing plan file.")] = False,
     dtype: Dtype = "float32",
     device: Device = "cpu",
+    max_gpu_memory: MaxGpuMemory = None,
+    device_map: DeviceMap = None,
 ) -> None:
     """Decide what to cut and write the plan as JSON, without changing the model (a dry run)."""
     from layerfold import api
@@ -167,8 +238,9 @@ def plan_cmd(
         raise LayerfoldError(f"{out} exists: choose another --out or pass --overwrite")
     target, options, calib = _planning(method, threshold, target_layers, ratio, param_ratio, criterion, merge,
                                        norms, set_, calib_source, calib_samples, calib_seq_len, seed, calib_sampling)
-    loaded = api.load_model(model, dtype=dtype, device=device)
-    result = api.make_plan(loaded, method=method, target=target, calibration=calib, options=options)
+    load_kw, stream_kw = _placement(device, max_gpu_memory, device_map)
+    loaded = api.load_model(model, dtype=dtype, **load_kw)
+    result = api.make_plan(loaded, method=method, target=target, calibration=calib, options=options, **stream_kw)
     api.save_plan(result, out)
     typer.echo(result.plan.summary())
     typer.echo(f"plan written to {out}")

@@ -49,9 +49,9 @@ def fit_output_projection(layer: nn.Module, arch: Architecture, inputs: Sequence
     has_bias = getattr(proj, "bias", None) is not None
     try:
         for x, y, extra in zip(inputs, targets, extras, strict=True):
-            out = call_layer(layer, x.to(device), extra, device)
-            a = captured["a"].reshape(-1, captured["a"].shape[-1]).to(torch.float64)
-            rest = (out - captured["p"]).reshape(-1, out.shape[-1]).to(torch.float64)
+            out = call_layer(layer, x.to(device), extra, device)  # a streamed layer computes elsewhere
+            a = captured["a"].reshape(-1, captured["a"].shape[-1]).to(device, torch.float64)
+            rest = (out - captured["p"]).reshape(-1, out.shape[-1]).to(device, torch.float64)
             r = y.to(device).reshape(-1, out.shape[-1]).to(torch.float64) - rest
             if has_bias:
                 a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)

@@ -57,16 +57,8 @@ def merge_keep_base(values: list[torch.Tensor], scale: float = 1.0) -> torch.Ten
 def merge_window(layers: Sequence[nn.Module], operator: str = "diff", norms: str = "base",
                  scale: float = 1.0) -> dict[str, torch.Tensor]:
     """State dict (relative to one layer) of the fused layer."""
-    if len(layers) < 2:
-        raise LayerfoldError("a merge window needs at least two layers")
-    if norms not in NORM_POLICIES:
-        raise LayerfoldError(f"unknown norm policy '{norms}': choose one of {', '.join(NORM_POLICIES)}")
     fn = MERGES.get(operator)
-    states = [dict(layer.named_parameters()) for layer in layers]
-    names = list(states[0])
-    for i, st in enumerate(states[1:], 1):
-        if list(st) != names or any(st[n].shape != states[0][n].shape for n in names):
-            raise LayerfoldError(f"layers 0 and {i} of the window differ in structure; they cannot be merged")
+    states, names = _window_states(layers, norms)
     norm_names = norm_parameter_names(layers[0])
     keep_base_norms = norms == "base" or operator == "reference"
     merged: dict[str, torch.Tensor] = {}
@@ -80,11 +72,31 @@ def merge_window(layers: Sequence[nn.Module], operator: str = "diff", norms: str
     return merged
 
 
+def _window_states(layers: Sequence[nn.Module], norms: str) -> tuple[list[dict[str, torch.Tensor]], list[str]]:
+    """Each layer's parameters by name, after checking the window can be merged."""
+    if len(layers) < 2:
+        raise LayerfoldError("a merge window needs at least two layers")
+    if norms not in NORM_POLICIES:
+        raise LayerfoldError(f"unknown norm policy '{norms}': choose one of {', '.join(NORM_POLICIES)}")
+    states = [dict(layer.named_parameters()) for layer in layers]
+    names = list(states[0])
+    for i, st in enumerate(states[1:], 1):
+        if list(st) != names or any(st[n].shape != states[0][n].shape for n in names):
+            raise LayerfoldError(f"layers 0 and {i} of the window differ in structure; they cannot be merged")
+    return states, names
+
+
 def build_fused_layer(layers: Sequence[nn.Module], operator: str = "diff", norms: str = "base",
                       scale: float = 1.0) -> nn.Module:
     """A new layer module (a copy of the base's structure) carrying the merged weights."""
     import copy
 
+    if operator == "base":
+        # every parameter (norms too, whatever the policy) is the base layer's: a plain copy gives the
+        # same weights without the float32 round trip (a fused candidate is built per scored window)
+        MERGES.get(operator)
+        _window_states(layers, norms)
+        return copy.deepcopy(layers[0])
     fused = copy.deepcopy(layers[0])
     state = merge_window(layers, operator=operator, norms=norms, scale=scale)
     with torch.no_grad():

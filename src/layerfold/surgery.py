@@ -102,16 +102,23 @@ def rewrite_config(config, arch: Architecture, sources: list[int]) -> None:
                 pass
 
 
+SHARD_SIZE = "5GB"  # safetensors shard size: transformers 4's default (5's is 50GB, one file up to that)
+
+
 def save_model(model: nn.Module, tokenizer, out: str | Path, overwrite: bool = False,
-               extra_files: dict[str, str] | None = None, write_extra=None) -> Path:
+               extra_files: dict[str, str] | None = None, write_extra=None,
+               max_shard_size: str | int = SHARD_SIZE) -> Path:
     """Save with ``save_pretrained`` into a temporary folder beside ``out``, then rename.
 
-    Nothing half-written is ever left at ``out``: a failure removes the temporary folder.
+    The weights are written as safetensors shards of at most ``max_shard_size`` (with an index
+    when there are several), one shard at a time from wherever the weights are (the CPU for a
+    streamed model).  Nothing half-written is ever left at ``out``: a failure removes the
+    temporary folder.
     """
     out = Path(out).expanduser().resolve()
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if write_extra is not None:
             write_extra(tmp)  # more files, written inside the temporary folder so they land atomically
         if tokenizer is not None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -106,6 +107,12 @@ class Geometry:
 
     @classmethod
     def of(cls, config) -> Geometry:
+        per_layer = [k for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+                     if isinstance(getattr(config, k, None), (list, tuple))]
+        if per_layer:
+            raise LayerfoldError(f"this model has no single configured width ({', '.join(per_layer)} given per "
+                                 "layer); width pruning needs one intermediate_size and one head count for all "
+                                 "layers")
         heads = int(config.num_attention_heads)
         kv = int(getattr(config, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
@@ -943,9 +950,154 @@ def _card(loaded, width: WidthPlan | None, depth, record: ShrinkRecord | None, c
         lines.append("")
     lines += ["Load it with plain transformers:", "", "```python", "from transformers import AutoModelForCausalLM",
               'model = AutoModelForCausalLM.from_pretrained("<this folder>")', "```", ""]
+    if width is not None:
+        again = (f"layerfold prune {loaded.source} --plan plan.json --width-plan width_plan.json" if depth is not None
+                 else f"layerfold shrink {loaded.source} --plan width_plan.json")
+        lines += [f"The plans are data: `{again}` applies them again.", ""]
     if command:
         lines += ["Made with:", "", f"    {command}", ""]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- `layerfold prune` with width
+
+
+@dataclass(frozen=True)
+class WidthRequest:
+    """Width pruning inside ``layerfold prune`` (one output folder): exactly one of
+
+    - ``ratio`` (``--width R``): after the depth step (any depth target, or a saved ``--plan``),
+      remove ``R`` of every remaining decoder layer's attention and MLP projection parameters,
+      as ``layerfold shrink --width R``;
+    - ``split`` (``--split auto|D`` with ``--param-ratio P``): ``P`` of ALL parameters removed,
+      the share ``D`` by depth and the rest by width, as ``layerfold shrink --param-ratio P --split D``;
+    - ``plan`` (``--width-plan``): a saved ``width_plan.json`` applied after the depth step.
+
+    The other fields are ``layerfold shrink``'s options, with its defaults.
+    """
+
+    ratio: float | None = None
+    split: float | str | None = None
+    plan: str | Path | None = None
+    importance: str = "wanda-sp"
+    attention: str = "auto"
+    heads: int | None = None
+    multiple_of: int = 8
+    held_out: int = 16
+
+    def __post_init__(self) -> None:
+        given = [name for name, v in (("--width", self.ratio), ("--split", self.split), ("--width-plan", self.plan))
+                 if v is not None]
+        if len(given) != 1:
+            raise LayerfoldError("give one of --width (width after the depth step), --split (one --param-ratio "
+                                 "shared by depth and width) and --width-plan" + (f", not {' and '.join(given)}"
+                                                                                   if given else ""))
+        if self.ratio is not None and not 0 < self.ratio < 1:
+            raise LayerfoldError(f"--width must be between 0 and 1 (exclusive), got {self.ratio}")
+        if self.split is not None:
+            _parse_split(self.split)
+        if self.plan is not None and not Path(self.plan).is_file():
+            raise LayerfoldError(f"width plan file {self.plan} does not exist")
+        if self.importance not in IMPORTANCES:
+            raise did_you_mean(self.importance, IMPORTANCES, "importance")
+        if self.attention not in ATTENTION_MODES:
+            raise did_you_mean(self.attention, ATTENTION_MODES, "attention mode")
+        if self.heads is not None and self.attention not in ("groups", "query-heads"):
+            raise LayerfoldError("--heads needs --attention groups or query-heads")
+        if self.multiple_of < 1:
+            raise LayerfoldError("--multiple-of must be at least 1")
+        if self.held_out < 1:
+            raise LayerfoldError("--held-out must be at least 1")
+
+    @classmethod
+    def from_options(cls, ratio: float | None = None, split: str | None = None, plan: str | Path | None = None,
+                     **options) -> WidthRequest | None:
+        """From command-line options (``None``: not given); None when no width pruning is asked for."""
+        given = {k: v for k, v in options.items() if v is not None}
+        if ratio is None and split is None and plan is None:
+            if given:
+                names = ", ".join("--" + k.replace("_", "-") for k in given)
+                raise LayerfoldError(f"{names}: width pruning options; add --width, --split (with --param-ratio) "
+                                     "or --width-plan")
+            return None
+        return cls(ratio=ratio, split=split, plan=plan, **given)
+
+    def check_depth(self, target, plan, options: dict | None) -> None:
+        """Refuse depth settings that do not go with this request (before any work)."""
+        if self.split is None:
+            return
+        if target is None or target.param_ratio is None or target.layers is not None or target.ratio is not None:
+            raise LayerfoldError("--split shares --param-ratio between depth and width: give --param-ratio "
+                                 "(not --ratio or --target-layers)")
+        if plan is not None:
+            raise LayerfoldError("--split plans depth and width together; it cannot apply a saved --plan "
+                                 "(use --width or --width-plan with --plan)")
+        if (options or {}).get("threshold") is not None:
+            raise LayerfoldError("--split aims depth at a share of --param-ratio; drop --threshold")
+
+    def width_options(self) -> dict:
+        return {"importance": self.importance, "attention": self.attention, "heads": self.heads,
+                "multiple_of": self.multiple_of}
+
+
+def check_width_support(loaded) -> None:
+    """Fail before any work on an architecture or config that width pruning cannot handle."""
+    Layout.of(loaded.arch)
+    Geometry.of(loaded.model.config)
+
+
+def prune_with_width(loaded, out: str | Path | None, request: WidthRequest, *, method: str = "slm", target=None,
+                     calibration=None, options: dict | None = None, plan=None, overwrite: bool = False,
+                     ppl: tuple[str, ...] = (), ppl_windows: int | None = 40, progress: bool = True,
+                     command: str | None = None):
+    """Depth then width on ``loaded`` in place, saved as ONE plain Hugging Face folder (with
+    ``plan.json`` when depth removed layers, ``width_plan.json``, ``shrink.json`` and a model
+    card); returns an :class:`layerfold.api.PruneReport`.  ``api.prune(..., width=request)``
+    comes here."""
+    from layerfold import api
+    from layerfold.data.tokens import CalibrationConfig
+    from layerfold.methods.base import PlanResult
+
+    request.check_depth(target, plan, options)
+    if out is not None and Path(out).exists() and not overwrite:
+        raise LayerfoldError(f"output folder {out} exists: choose another --out or pass --overwrite")
+    check_width_support(loaded)
+    calibration = calibration or CalibrationConfig()
+    start = time.perf_counter()
+    layers_before, params_before = len(loaded.arch.layer_list(loaded.model)), parameter_count(loaded.model)
+    before = api._ppl(loaded, ppl, ppl_windows, progress)
+    depth, summary = None, None
+    if request.split is not None:
+        result = depth_width_prune(loaded, target.param_ratio, request.split, method, calibration, options,
+                                   held_out=request.held_out, progress=progress, **request.width_options())
+        depth, wplan, summary = result.depth, result.width, result.summary()
+    else:
+        depth = (plan if isinstance(plan, PlanResult) else api.load_plan(plan) if plan is not None
+                 else api.make_plan(loaded, method, target, calibration, options, progress))
+        api.apply_plan(loaded, depth)
+        if request.plan is not None:
+            wplan = WidthPlan.load(request.plan)
+            apply_width(loaded.model, wplan)
+            wplan.params_after = parameter_count(loaded.model)
+        else:
+            heldout = None
+            if request.attention == "auto" and loaded.tokenizer is not None:
+                heldout = held_out_windows(loaded.tokenizer, calibration, request.held_out)
+            wplan = shrink(loaded, request.ratio, calibration=calibration, heldout_tokens=heldout,
+                           batch_size=calibration.batch_size, progress=progress, **request.width_options())
+    after = api._ppl(loaded, ppl, ppl_windows, progress)
+    record = ShrinkRecord(layers=(layers_before, len(loaded.arch.layer_list(loaded.model))),
+                          params=(params_before, parameter_count(loaded.model)), perplexity_before=before,
+                          perplexity_after=after, depth_width=summary)
+    report = api.PruneReport(plan=depth.plan if depth is not None else None, out=None, layers_before=layers_before,
+                             layers_after=record.layers[1], params_before=params_before,
+                             params_after=record.params[1], perplexity_before=before, perplexity_after=after,
+                             seconds=time.perf_counter() - start, ppl_windows=ppl_windows, width=wplan,
+                             depth_width=summary)
+    if out is not None:
+        report.out = save_shrunk(loaded, out, wplan, depth, record, command=command or api._command_line(),
+                                 overwrite=overwrite)
+    return report
 
 
 def width_ratio_of(params_removed: int, model: nn.Module) -> float:
@@ -957,4 +1109,5 @@ def width_ratio_of(params_removed: int, model: nn.Module) -> float:
 
 
 __all__ = ["ATTENTION_MODES", "AUTO_SPLITS", "IMPORTANCES", "DepthWidthResult", "Layout", "ShrinkRecord", "WidthPlan",
-           "apply_width", "depth_width_prune", "layer_scores", "plan_width", "save_shrunk", "shrink"]
+           "WidthRequest", "apply_width", "depth_width_prune", "layer_scores", "plan_width", "prune_with_width",
+           "save_shrunk", "shrink"]

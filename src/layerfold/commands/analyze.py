@@ -7,7 +7,19 @@ from typing import Annotated
 
 import typer
 
-from layerfold.cli import CalibSamples, CalibSeqLen, CalibSource, Device, Dtype, ModelArg, Sampling, Seed
+from layerfold.cli import (
+    CalibSamples,
+    CalibSeqLen,
+    CalibSource,
+    Device,
+    DeviceMap,
+    Dtype,
+    MaxGpuMemory,
+    ModelArg,
+    Sampling,
+    Seed,
+    _placement,
+)
 
 DEFAULT_MEASURES = "cka-linear,cka-rbf,cosine,angular"
 
@@ -26,6 +38,8 @@ def analyze_cmd(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     dtype: Dtype = "float32",
     device: Device = "cpu",
+    max_gpu_memory: MaxGpuMemory = None,
+    device_map: DeviceMap = None,
 ) -> None:
     """Similarity between every pair of layer outputs on calibration text, per measure: JSON, CSV and
     heatmaps (bright squares on the diagonal are runs of similar layers, candidates for folding)."""
@@ -39,8 +53,9 @@ def analyze_cmd(
         raise LayerfoldError(f"output folder {out} exists: choose another --out or pass --overwrite")
     calib = CalibrationConfig(source=calib_source, samples=calib_samples, seq_len=calib_seq_len, seed=seed,
                               sampling=calib_sampling)
-    loaded = load_model(model, dtype=dtype, device=device)
-    result = analyze(loaded, out, measures=kinds, calibration=calib, plan=plan, overwrite=overwrite)
+    load_kw, stream_kw = _placement(device, max_gpu_memory, device_map)
+    loaded = load_model(model, dtype=dtype, **load_kw)
+    result = analyze(loaded, out, measures=kinds, calibration=calib, plan=plan, overwrite=overwrite, **stream_kw)
     _print_summary(result)
 
 

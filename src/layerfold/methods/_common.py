@@ -47,7 +47,8 @@ def nll_sum(cache: LayerCache, hidden: torch.Tensor, targets: torch.Tensor) -> t
         logits = head(states[start:start + _LOGIT_ROWS]).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        total = total + nn.functional.cross_entropy(logits, labels[start:start + _LOGIT_ROWS], reduction="sum")
+        chunk = labels[start:start + _LOGIT_ROWS].to(logits.device)  # the head may sit on another GPU
+        total = total + nn.functional.cross_entropy(logits, chunk, reduction="sum").to(total.device)
     return total, labels.numel()
 
 

@@ -17,6 +17,7 @@ from layerfold.models.arch import layer_parameter_count, parameter_count
 from layerfold.models.load import LoadedModel
 from layerfold.plan import Plan, library_versions
 from layerfold.registry import Registry
+from layerfold.streaming import LayerStreamer
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class PlanContext:
     progress: bool = True
     tokens_override: torch.Tensor | None = None
     info: dict = field(default_factory=dict)
+    streamer: LayerStreamer | None = None  # layers streamed from the CPU (--max-gpu-memory)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -94,7 +96,7 @@ class PlanContext:
     @cached_property
     def cache(self) -> LayerCache:
         return capture(self.model, self.loaded.arch, self.tokens, batch_size=self.calibration.batch_size,
-                       progress=self.progress)
+                       progress=self.progress, streamer=self.streamer)
 
     def layers_to_remove(self) -> int | None:
         layer_params = layer_parameter_count(self.loaded.arch.layer_list(self.model)[0])

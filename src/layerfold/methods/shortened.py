@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from layerfold.calibrate import LayerCache, call_layer
+from layerfold.errors import LayerfoldError
 from layerfold.methods._common import batch_targets, check_candidates, drop_ops, loss_without, lowest, nll_sum
 from layerfold.methods.base import Method, PlanContext, PlanResult, register
 
@@ -74,6 +75,9 @@ def taylor_importance(cache: LayerCache, progress: bool = False) -> dict[int, fl
 
     Runs the decoder layers from the cached embeddings with autograd on, one batch at a time,
     asking gradients of the layers' weights only."""
+    if cache.streamer is not None and cache.streamer.active:
+        raise LayerfoldError("shortened-taylor backpropagates through the whole model at once, which cannot be "
+                             "streamed layer by layer: run it without --max-gpu-memory")
     layers = cache.layers
     weights = [[p for name, p in layer.named_parameters() if name.endswith("weight")] for layer in layers]
     flat = [p for group in weights for p in group]

@@ -59,14 +59,32 @@ def resolve_source(name_or_path: str | None) -> tuple[str, str]:
     return name_or_path, name_or_path
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def resolve_device_map(device_map: str | dict | None) -> str | dict | None:
+    """accelerate's placement strategies by name (a dict is passed through as is)."""
+    if device_map is None or isinstance(device_map, dict):
+        return device_map
+    if device_map not in DEVICE_MAPS:
+        raise did_you_mean(device_map, list(DEVICE_MAPS), "device map")
+    return device_map
+
+
 def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "float32",
-               device: str = "cpu") -> LoadedModel:
-    """Load a causal LM and its tokenizer; checks the architecture is supported."""
+               device: str = "cpu", device_map: str | dict | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer; checks the architecture is supported.
+
+    ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"``, or a dict of module name to
+    device) spreads the model over the available GPUs with accelerate, instead of putting it
+    whole on ``device``; layerfold then runs each layer on its own GPU."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     label, path = resolve_source(name_or_path)
     local = Path(path).is_dir()
-    torch_dtype, target_device = resolve_dtype(dtype), resolve_device(device)
+    device_map = resolve_device_map(device_map)
+    torch_dtype = resolve_dtype(dtype)
+    target_device = resolve_device(device) if device_map is None else None
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:  # ValueError: a config.json without a known model_type
@@ -79,13 +97,27 @@ def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "floa
         raise LayerfoldError(f"cannot load the tokenizer of '{label}' (a model folder needs its tokenizer "
                              f"files): {_first_line(exc)}") from exc
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        extra = {} if device_map is None else {"device_map": device_map}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
     except ValueError as exc:
         raise LayerfoldError(f"'{label}' is not a causal language model: {_first_line(exc)}") from exc
     except OSError as exc:  # no weights file
         raise LayerfoldError(f"cannot load the weights of '{label}': {_first_line(exc)}") from exc
-    model.to(target_device).eval()
+    if target_device is not None:
+        model.to(target_device)
+    _check_offload(model, label)
+    model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, source=label, path=path)
+
+
+def _check_offload(model: torch.nn.Module, label: str) -> None:
+    """Refuse accelerate's offloading (weights kept on ``meta`` between calls): layerfold reads
+    the layers' weights to fuse them."""
+    places = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
+    if "disk" in places or ("cpu" in places and len(places) > 1):
+        raise LayerfoldError(f"'{label}' does not fit on the GPUs: the device map offloads part of it to the CPU "
+                             "or disk, which layerfold cannot fuse; use --max-gpu-memory instead, which streams "
+                             "the layers from CPU memory")
 
 
 def wrap_model(model: torch.nn.Module, tokenizer=None, source: str = "in-memory") -> LoadedModel:

@@ -150,10 +150,13 @@ def resolve_measures(measures: Sequence[str] | str) -> tuple[str, ...]:
 def analyze(model: LoadedModel | torch.nn.Module | str | None, out: str | Path,
             measures: Sequence[str] | str = DEFAULT_MEASURES, calibration: CalibrationConfig | None = None,
             plan: str | Path | Plan | PlanResult | None = None, *, overwrite: bool = False,
-            tokens: torch.Tensor | None = None, progress: bool = True) -> dict:
+            tokens: torch.Tensor | None = None, progress: bool = True, max_gpu_memory: str | int | None = None,
+            compute_device: str | torch.device | None = None) -> dict:
     """Similarity matrices between all layer outputs for each measure, written to ``out`` as
     ``analysis.json``, ``<measure>.csv`` and ``<measure>.png`` (with the plan's windows outlined
     when a plan is given). ``tokens`` ([N, T] ids) replaces the calibration text.
+    ``max_gpu_memory`` streams the layers through the GPU for the capture (see
+    :func:`layerfold.api.make_plan`).
 
     Returns the JSON record (matrices as nested lists), with ``out`` and ``files`` added.
     """
@@ -164,13 +167,17 @@ def analyze(model: LoadedModel | torch.nn.Module | str | None, out: str | Path,
     if tokens is not None and tokens.dim() != 2:
         raise LayerfoldError(f"tokens must be [samples, tokens] ids, got shape {tuple(tokens.shape)}")
     loaded = _as_loaded(model)
-    ctx = PlanContext(loaded=loaded, calibration=calibration or CalibrationConfig(), target=Target(),
-                      progress=progress, tokens_override=tokens)
-    the_plan = read_plan(plan, ctx.num_layers)
-    seconds: dict[str, float] = {}
-    tick = time.perf_counter()
-    outputs = layer_outputs(ctx.cache)
-    seconds["capture"] = time.perf_counter() - tick
+    from layerfold.api import streaming_for
+
+    calibration = calibration or CalibrationConfig()
+    with streaming_for(loaded, max_gpu_memory, compute_device, calibration, tokens) as streamer:
+        ctx = PlanContext(loaded=loaded, calibration=calibration, target=Target(), progress=progress,
+                          tokens_override=tokens, streamer=streamer)
+        the_plan = read_plan(plan, ctx.num_layers)
+        seconds: dict[str, float] = {}
+        tick = time.perf_counter()
+        outputs = layer_outputs(ctx.cache)
+        seconds["capture"] = time.perf_counter() - tick
     matrices: dict[str, torch.Tensor] = {}
     for kind in tqdm(kinds, desc="measures", disable=not progress):
         tick = time.perf_counter()
