@@ -19,13 +19,13 @@ env_vars() {
   export PYTHONPATH=/tmp/site:$LF/data/site:$1/src LAYERFOLD_CACHE=$LF/cache \
     LAYERFOLD_WIKITEXT2=$LF/data/wiki.test.raw HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 \
     TRANSFORMERS_VERBOSITY=error TQDM_DISABLE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
-    NVSHMEM_DISABLE_NVLS=1
+    NVSHMEM_DISABLE_NVLS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 }
 
 case "${1:-}" in
 receive)
   for f in .carry/gguf/* .carry/data.tgz .carry/gemma/*; do
-    [ -f "$f" ] && cp "$f" "$LF/ship/" && echo "received $f"
+    if [ -f "$f" ]; then cp "$f" "$LF/ship/"; echo "received $f"; fi
   done
   ;;
 setup)

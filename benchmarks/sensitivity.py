@@ -39,16 +39,19 @@ def main() -> None:
     if args.device == "cpu":
         torch.set_num_threads(2)
     base = api.load_model(args.model, device=args.device)
-    for method in args.methods.split(","):
+    for spec in args.methods.split(";"):
+        method, _, opts = spec.partition(":")  # e.g. "slm:selection=portfolio"
+        options = dict(kv.split("=", 1) for kv in opts.split("+") if kv)
         for source, samples in SETTINGS:
             loaded = copy.deepcopy(base)
             calib = CalibrationConfig(source=source, samples=samples, seq_len=128, seed=1234)
             t0 = time.perf_counter()
-            result = api.make_plan(loaded, method, Target(ratio=args.ratio), calib, progress=False)
+            result = api.make_plan(loaded, method, Target(ratio=args.ratio), calib, options,
+                                   progress=False)
             seconds = time.perf_counter() - t0
             api.apply_plan(loaded, result)
             where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{platform.machine()} CPU"
-            row = {"method": method, "model": args.model or "SmolLM2-135M", "ratio": args.ratio,
+            row = {"method": spec, "model": args.model or "SmolLM2-135M", "ratio": args.ratio,
                    "calib_source": source, "calib_samples": samples,
                    "plan": result.plan.summary(), "plan_seconds": round(seconds, 1),
                    "machine": f"{where}, torch {torch.__version__}"}

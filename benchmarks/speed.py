@@ -252,11 +252,12 @@ def candidate_breakdown(cache, repeats: int = 5) -> dict:
     final = cache.final(outs)
     device = cache.device
     ref_dev = reference.to(device)
+    ref_cpu = reference.float().cpu()
     res = {
         "build_fused_s": median_time(lambda: build_fused_layer([layers[lo], layers[hi]]), repeats),
         "run_layers_s": median_time(lambda: cache.run(lo, modules, final_norm=True), repeats),
         "to_cpu_float_s": median_time(lambda: cache.final(outs), repeats),
-        "cosine_cpu_float64_s": median_time(lambda: sample_cosine(final, reference), repeats),
+        "cosine_cpu_float64_s": median_time(lambda: sample_cosine(final, ref_cpu), repeats),
         "cosine_on_device_float64_s": median_time(
             lambda: sample_cosine(torch.cat([o.float() for o in outs]), ref_dev), repeats),
         "layers_run": len(modules),

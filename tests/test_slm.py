@@ -149,7 +149,7 @@ def test_a_threshold_alone_means_the_papers_sliding_loop():
     from layerfold.methods.base import make_method
 
     assert make_method("slm", {"threshold": 0.9}).selection == "sliding"
-    assert make_method("slm", {}).selection == "greedy"
+    assert make_method("slm", {}).selection == "portfolio"
     assert make_method("slm-paper", {}).merge == "diff"
 
 

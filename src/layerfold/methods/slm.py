@@ -390,7 +390,7 @@ class SlidingLayerMerging(Method):
 
     name: ClassVar[str] = "slm"
     needs_target: ClassVar[bool] = False
-    selection: Literal["sliding", "greedy", "optimal", "portfolio"] = "greedy"
+    selection: Literal["sliding", "greedy", "optimal", "portfolio"] = "portfolio"
     criterion: Literal["output-cosine", "cka-linear", "cka-rbf", "angular", "loss"] = "output-cosine"
     merge: str = "base"
     norms: Literal["base", "merge"] = "base"
