@@ -150,6 +150,10 @@ def test_a_threshold_alone_means_the_papers_sliding_loop():
 
     assert make_method("slm", {"threshold": 0.9}).selection == "sliding"
     assert make_method("slm", {}).selection == "portfolio"
+    # another fused layer than the base layer: the default falls back to the greedy fold
+    assert make_method("slm", {"fit": "ridge"}).selection == "greedy"
+    assert make_method("slm", {"merge": "diff"}).selection == "greedy"
+    assert make_method("slm", {"merge": "diff", "selection": "optimal"}).selection == "optimal"
     assert make_method("slm-paper", {}).merge == "diff"
 
 

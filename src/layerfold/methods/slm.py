@@ -407,6 +407,10 @@ class SlidingLayerMerging(Method):
         """A threshold is the paper's stopping rule: with one and no explicit selection, slide."""
         if self.threshold is not None and "selection" not in self.model_fields_set:
             self.selection = "sliding"
+        elif (self.selection == "portfolio" and "selection" not in self.model_fields_set
+              and (self.merge != "base" or self.fit != "none" or self.norms != "base")):
+            # the portfolio compares plans of removed layers; another fused layer means the greedy fold
+            self.selection = "greedy"
         return self
 
     def plan(self, ctx: PlanContext) -> PlanResult:
