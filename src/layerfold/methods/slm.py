@@ -379,13 +379,15 @@ class SlmEngine:
 class SlidingLayerMerging(Method):
     """Sliding Layer Merging (Zhu et al. 2025, arXiv 2502.19159), with layerfold's measured defaults.
 
-    Defaults (chosen on PTB-valid perplexity over SmolLM2-135M and Gemma-3-270M,
-    benchmarks/results/quality.md): adjacent windows are folded one pair at a time, each time the
-    pair whose fused layer keeps the whole model's final output closest to the original's
-    (``selection="greedy"``, output cosine), and each window keeps its base layer
-    (``merge="base"``).  ``selection="optimal"`` (joint windows by dynamic programming on a local
-    cost) is cheaper and won on SmolLM2 alone.  The paper's procedure is ``slm-paper``; the
-    authors' code, ``slm-reference``.
+    Defaults (chosen on PTB-valid perplexity over SmolLM2-135M and Gemma-3-270M at 20% and 35%,
+    benchmarks/results/quality.md): each window keeps its base layer (``merge="base"``), and the
+    windows are those of the best of several candidate plans scored alike by the whole model's
+    output cosine on calibration text (``selection="portfolio"``): the greedy fold (adjacent
+    segments folded one pair at a time, each time the pair that keeps the final output closest to
+    the original's), the optimal windows (dynamic programming on a local cost), the lowest block
+    influence and the closest contiguous block in angle.  ``selection="greedy"`` and
+    ``"optimal"`` run one selector; ``refine=N`` adds a swap search.  The paper's procedure is
+    ``slm-paper``; the authors' code, ``slm-reference``.
     """
 
     name: ClassVar[str] = "slm"
