@@ -97,21 +97,25 @@ def plot(models: dict[str, dict], out: Path) -> None:
         for name, points in sorted(by_method.items()):
             points.sort(key=lambda p: p[0])
             main = "/" not in name
-            width = 2.5 if name == "slm" else 1
+            width = 3 if name == "slm" else 1
+            style = {"color": "red", "zorder": 5} if name == "slm" else {}
             xs = [0] + [p[0] for p in points]
             ppl = [dense.get("ppl/ptb@128")] + [p[1].get("ppl/ptb@128") for p in points]
-            ax1.plot(xs, ppl, "-o" if main else ":.", label=name, linewidth=width)
+            ax1.plot(xs, ppl, "-o" if main else ":.", label=name, linewidth=width, **style)
             zs = [(0, dense.get("zs/mean"))] + [(p[0], p[1].get("zs/mean")) for p in points]
             zs = [(x, 100 * y) for x, y in zs if y is not None]
             if len(zs) > 1:
-                ax2.plot(*zip(*zs, strict=True), "-o" if main else ":.", label=name, linewidth=width)
+                ax2.plot(*zip(*zs, strict=True), "-o" if main else ":.", label=name, linewidth=width, **style)
+        if not ax2.lines:
+            ax2.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax2.transAxes)
         ax1.set_yscale("log")
         ax1.set_title(f"{label}: PTB test perplexity (128 tokens, log)")
         ax2.set_title(f"{label}: 7-task zero-shot mean, %")
         for ax in (ax1, ax2):
             ax.set_xlabel(f"decoder layers removed (of {total})")
         ax1.legend(fontsize=6, ncol=2)
-        ax2.legend(fontsize=6, ncol=2)
+        if ax2.lines:
+            ax2.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
