@@ -375,6 +375,25 @@ class SlmEngine:
         return best_t, best
 
 
+def portfolio_candidates(engine: SlmEngine, cache: LayerCache, budget: int, max_window: int = 8,
+                         progress: bool = True) -> dict[str, set[int]]:
+    """Plans of removed layers (layer 0 always kept) from four selectors: the greedy fold, the
+    optimal windows, the lowest block influence and the closest contiguous block in angle."""
+    n = engine.num_layers
+    inputs = [cache.input_of(i) for i in range(n + 1)]
+    influence = {i: 1.0 - cosine(inputs[i], inputs[i + 1]) for i in range(1, n)}
+    last = [x[:, -1:, :] for x in inputs]
+    distance = {lo: 1.0 - angular_similarity(last[lo], last[lo + budget]) for lo in range(1, n - budget + 1)}
+    block = min(distance, key=lambda lo: (distance[lo], lo))
+    candidates = {
+        "greedy": removed_layers(engine.greedy(budget, progress=progress).windows),
+        "optimal": removed_layers(engine.optimal(budget, max_window, progress=progress).windows),
+        "block-influence": set(sorted(influence, key=lambda i: (influence[i], i))[:budget]),
+        "angular-block": set(range(block, block + budget)),
+    }
+    return {name: r for name, r in candidates.items() if 0 not in r}
+
+
 @register
 class SlidingLayerMerging(Method):
     """Sliding Layer Merging (Zhu et al. 2025, arXiv 2502.19159), with layerfold's measured defaults.
@@ -455,22 +474,10 @@ class SlidingLayerMerging(Method):
         return PlanResult(plan, overrides)
 
     def _portfolio(self, engine: SlmEngine, cache: LayerCache, budget: int, progress: bool) -> tuple[SlmRun, dict]:
-        """Plans of removed layers from several selectors (the greedy fold, the optimal windows,
-        the lowest block influence, the closest contiguous block in angle), scored alike by the
-        criterion on the whole model's output; the best is kept."""
-        n = engine.num_layers
-        inputs = [cache.input_of(i) for i in range(n + 1)]
-        influence = {i: 1.0 - cosine(inputs[i], inputs[i + 1]) for i in range(1, n)}
-        last = [x[:, -1:, :] for x in inputs]
-        distance = {lo: 1.0 - angular_similarity(last[lo], last[lo + budget]) for lo in range(1, n - budget + 1)}
-        block = min(distance, key=lambda lo: (distance[lo], lo))
-        candidates = {
-            "greedy": removed_layers(engine.greedy(budget, progress=progress).windows),
-            "optimal": removed_layers(engine.optimal(budget, self.max_window, progress=progress).windows),
-            "block-influence": set(sorted(influence, key=lambda i: (influence[i], i))[:budget]),
-            "angular-block": set(range(block, block + budget)),
-        }
-        scores = {name: engine.score_removal(r) for name, r in candidates.items() if 0 not in r}
+        """Plans of removed layers from several selectors (see :func:`portfolio_candidates`), scored
+        alike by the criterion on the whole model's output; the best is kept."""
+        candidates = portfolio_candidates(engine, cache, budget, self.max_window, progress)
+        scores = {name: engine.score_removal(r) for name, r in candidates.items()}
         pick = max(scores, key=lambda name: scores[name])
         windows = windows_of(candidates[pick])
         return (SlmRun(windows=windows, scores=dict.fromkeys(windows, scores[pick])),
