@@ -177,3 +177,26 @@ def check_layer_bookkeeping(model) -> None:
             if types is not None and hasattr(module, "sliding_window") and name.endswith("attn"):
                 sliding = module.sliding_window is not None
                 assert sliding == (types[pos] == "sliding_attention"), f"layer {pos} {name}"
+
+
+@pytest.fixture
+def run(monkeypatch, capsys, tmp_path):
+    """``run(*args)`` -> (exit code, stdout, stderr) of ``layerfold ARGS`` run in-process through the
+    real entry point, with the working folder in tmp_path."""
+    import sys
+
+    from layerfold import cli
+
+    monkeypatch.chdir(tmp_path)
+
+    def invoke(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["layerfold", *map(str, args)])
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return invoke

@@ -8,14 +8,11 @@ turns user errors into exit code 2), so no interpreter start-up is paid per case
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import write_json
-
-from layerfold import cli
 
 CALIB = ["--ppl", "", "--calib-samples", "2", "--calib-seq-len", "16"]
 
@@ -26,23 +23,6 @@ def text_file(tmp_path) -> Path:
     path.write_text("The quick brown fox jumps over the lazy dog. " * 8)
     return path
 
-
-@pytest.fixture
-def run(monkeypatch, capsys, tmp_path):
-    """``run(*args)`` -> (exit code, stdout, stderr), with the working folder in tmp_path."""
-    monkeypatch.chdir(tmp_path)
-
-    def invoke(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["layerfold", *map(str, args)])
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return invoke
 
 
 def assert_user_error(result: tuple[int, str, str], pattern: str) -> None:

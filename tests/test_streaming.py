@@ -11,12 +11,11 @@ checked with layers on the ``meta`` device and with accelerate's hooks.
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 
-from layerfold import api, cli
+from layerfold import api
 from layerfold.calibrate import call_layer, capture
 from layerfold.errors import LayerfoldError
 from layerfold.methods.base import Target
@@ -248,22 +247,6 @@ def test_device_map_offload_is_refused():
 
 # -- the command line -------------------------------------------------------------------------
 
-
-@pytest.fixture
-def run(monkeypatch, capsys, tmp_path):
-    monkeypatch.chdir(tmp_path)
-
-    def invoke(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["layerfold", *map(str, args)])
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return invoke
 
 
 @pytest.mark.parametrize("args, message", [

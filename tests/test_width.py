@@ -298,21 +298,6 @@ def test_cli_width_and_combined(tmp_path, tiny_model_dir):
 # --------------------------------------------------------------------------- `layerfold prune` with width
 
 
-def _prune_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """``layerfold prune ...`` in-process through the real entry point (user errors: exit code 2)."""
-    import sys
-
-    from layerfold import cli
-
-    monkeypatch.setattr(sys, "argv", ["layerfold", "prune", *map(str, args)])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 @pytest.fixture
 def calib_text(tmp_path):
@@ -326,7 +311,7 @@ def _calib_args(text) -> list[str]:
             "--ppl", ""]
 
 
-def test_prune_with_width_saves_one_folder_with_the_in_memory_logits(monkeypatch, capsys, tmp_path, tiny_model_dir,
+def test_prune_with_width_saves_one_folder_with_the_in_memory_logits(run, tmp_path, tiny_model_dir,
                                                                    calib_text):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -337,7 +322,7 @@ def test_prune_with_width_saves_one_folder_with_the_in_memory_logits(monkeypatch
 
     folder = tiny_model_dir("llama")
     head_dim = Geometry.of(AutoConfig.from_pretrained(folder)).head_dim
-    code, out, err = _prune_cli(monkeypatch, capsys, folder, "--target-layers", "4", "--width", "0.3",
+    code, out, err = run("prune", folder, "--target-layers", "4", "--width", "0.3",
                                 "--attention", "groups", "--out", tmp_path / "cli", *_calib_args(calib_text))
     assert code == 0, err
     assert "6 -> 4 layers" in out and "intermediate 64 -> 48" in out
@@ -364,12 +349,12 @@ def test_prune_with_width_saves_one_folder_with_the_in_memory_logits(monkeypatch
         assert torch.equal(_logits(reloaded, ids), expected)
 
 
-def test_prune_param_ratio_split_and_reapply(monkeypatch, capsys, tmp_path, tiny_model_dir, calib_text):
+def test_prune_param_ratio_split_and_reapply(run, tmp_path, tiny_model_dir, calib_text):
     from transformers import AutoModelForCausalLM
 
     folder = tiny_model_dir("llama")
     before = parameter_count(AutoModelForCausalLM.from_pretrained(folder))
-    code, out, err = _prune_cli(monkeypatch, capsys, folder, "--param-ratio", "0.3", "--split", "auto",
+    code, out, err = run("prune", folder, "--param-ratio", "0.3", "--split", "auto",
                                 "--multiple-of", "1", "--out", tmp_path / "dw", *_calib_args(calib_text))
     assert code == 0, err
     record = json.loads((tmp_path / "dw" / "shrink.json").read_text())["depth_width"]
@@ -380,13 +365,13 @@ def test_prune_param_ratio_split_and_reapply(monkeypatch, capsys, tmp_path, tiny
     assert model.config.num_hidden_layers == record["layers"][1]
 
     # a fixed split with depth and width: the saved plans applied again give the same weights
-    code, _, err = _prune_cli(monkeypatch, capsys, folder, "--param-ratio", "0.3", "--split", "0.5",
+    code, _, err = run("prune", folder, "--param-ratio", "0.3", "--split", "0.5",
                               "--multiple-of", "1", "--out", tmp_path / "half", *_calib_args(calib_text))
     assert code == 0, err
     half = tmp_path / "half"
     config = json.loads((half / "config.json").read_text())
     assert config["num_hidden_layers"] < 6 and config["intermediate_size"] < 64
-    code, _, err = _prune_cli(monkeypatch, capsys, folder, "--plan", half / "plan.json", "--width-plan",
+    code, _, err = run("prune", folder, "--plan", half / "plan.json", "--width-plan",
                               half / "width_plan.json", "--out", tmp_path / "again", "--ppl", "")
     assert code == 0, err
     first = AutoModelForCausalLM.from_pretrained(half).state_dict()
@@ -408,18 +393,17 @@ def test_prune_param_ratio_split_and_reapply(monkeypatch, capsys, tmp_path, tiny
     (["--width", "0.3", "--heads", "1"], "--heads needs --attention groups or query-heads"),
     (["--width-plan", "missing.json"], "width plan file missing.json does not exist"),
 ])
-def test_prune_width_refuses_bad_combinations(args, message, monkeypatch, capsys, tmp_path, tiny_model_dir):
-    monkeypatch.chdir(tmp_path)
-    code, out, err = _prune_cli(monkeypatch, capsys, tiny_model_dir("llama"), "--out", tmp_path / "out", "--ppl",
+def test_prune_width_refuses_bad_combinations(args, message, run, tmp_path, tiny_model_dir):
+    code, out, err = run("prune", tiny_model_dir("llama"), "--out", tmp_path / "out", "--ppl",
                                 "", *args)
     assert code == 2, (out, err)
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 
-def test_prune_width_refuses_an_architecture_without_width_before_any_work(monkeypatch, capsys, tmp_path,
+def test_prune_width_refuses_an_architecture_without_width_before_any_work(run, tmp_path,
                                                                           tiny_model_dir):
-    code, _, err = _prune_cli(monkeypatch, capsys, tiny_model_dir("gpt2"), "--target-layers", "4", "--width", "0.2",
+    code, _, err = run("prune", tiny_model_dir("gpt2"), "--target-layers", "4", "--width", "0.2",
                               "--out", tmp_path / "out", "--ppl", "")
     assert code == 2 and "width pruning does not support" in err and "supported model types" in err
     assert not (tmp_path / "out").exists()

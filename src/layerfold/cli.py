@@ -188,12 +188,7 @@ def _print_report(report) -> None:
     if getattr(report, "width", None) is not None:
         console.print(report.width.summary())
     if getattr(report, "depth_width", None):
-        dw = report.depth_width
-        console.print(f"split {dw['split']} (share of removed parameters taken by depth): removed "
-                      f"{dw['achieved_ratio']:.1%} of parameters")
-        for cand in dw["candidates"]:
-            loss = f"{cand['heldout_nll']:.4f}" if cand["heldout_nll"] is not None else cand["error"]
-            console.print(f"  split {cand['split']}: layers {cand['layers']}, held-out calibration NLL {loss}")
+        print_split(console, report.depth_width)
     table = Table(show_header=True)
     table.add_column("")
     table.add_column("before", justify="right")
@@ -335,3 +330,12 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def print_split(console, dw: dict) -> None:
+    """The depth/width split a combined prune took, and every candidate split's held-out loss."""
+    console.print(f"split {dw['split']} (share of removed parameters taken by depth): removed "
+                  f"{dw['achieved_ratio']:.1%} of parameters")
+    for cand in dw["candidates"]:
+        loss = f"{cand['heldout_nll']:.4f}" if cand["heldout_nll"] is not None else cand["error"]
+        console.print(f"  split {cand['split']}: layers {cand['layers']}, held-out calibration NLL {loss}")

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from layerfold.cli import CalibSamples, CalibSeqLen, CalibSource, Sampling, Seed
+from layerfold.cli import CalibSamples, CalibSeqLen, CalibSource, Sampling, Seed, print_split
 from layerfold.errors import LayerfoldError
 
 Opt = typer.Option
@@ -109,12 +109,7 @@ def _print(wplan, depth, record, saved: Path) -> None:
     if wplan is not None:
         console.print(wplan.summary())
     if record.depth_width:
-        dw = record.depth_width
-        console.print(f"split {dw['split']} (share of removed parameters taken by depth); "
-                      f"removed {dw['achieved_ratio']:.1%} of parameters")
-        for cand in dw["candidates"]:
-            loss = f"{cand['heldout_nll']:.4f}" if cand["heldout_nll"] is not None else cand["error"]
-            console.print(f"  split {cand['split']}: layers {cand['layers']}, held-out calibration NLL {loss}")
+        print_split(console, record.depth_width)
     table = Table("", "before", "after")
     table.add_row("decoder layers", str(record.layers[0]), str(record.layers[1]))
     table.add_row("parameters", f"{record.params[0]:,}", f"{record.params[1]:,}")
