@@ -102,9 +102,18 @@ class SlmEngine:
             self._fused[window] = self.build(window)
         return self._fused[window]
 
+    def retain(self, windows) -> None:
+        """Forget the fused layers of windows not in ``windows`` (rebuilt if needed again), so that
+        memory holds the weights plus the fused layers of the model being scored."""
+        keep = set(windows)
+        for window in [w for w in self._fused if w not in keep]:
+            del self._fused[window]
+
     def build(self, window: Window) -> torch.nn.Module:
         lo, hi = window
         layers = self.cache.layers
+        if self.merge == "base" and self.fit == "none":
+            return layers[lo]  # the base layer itself: its weights are the fused layer's, no copy needed
         fused = build_fused_layer([layers[i] for i in range(lo, hi + 1)], operator=self.merge, norms=self.norms,
                                   scale=self.scale)
         if self.fit == "ridge":
@@ -166,6 +175,7 @@ class SlmEngine:
         last_ok: float | None = None
         high = self.num_layers - 1
         low = high - 1
+        self.retain(())  # another threshold commits other windows
 
         def removed() -> int:
             return sum(h - lo_ for lo_, h in windows)
@@ -226,6 +236,7 @@ class SlmEngine:
             score, k = best
             window = (segments[k][0], segments[k + 1][1])
             segments[k:k + 2] = [window]
+            self.retain(seg for seg in segments if seg[1] > seg[0])
             scores = {w: s for w, s in scores.items() if not (window[0] <= w[0] <= window[1])}
             scores[window] = score
             self._propagate(segments, current, k)
