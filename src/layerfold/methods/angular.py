@@ -16,6 +16,13 @@ from layerfold.methods.base import Method, PlanContext, PlanResult, register
 from layerfold.similarity import angular_similarity
 
 
+def block_distances(cache, n: int) -> dict[int, float]:
+    """Angular distance d(l, n) of every block of ``n`` consecutive layers, by its first layer l."""
+    last_tokens = [cache.input_of(i)[:, -1:, :] for i in range(cache.num_layers + 1)]
+    return {lo: 1.0 - angular_similarity(last_tokens[lo], last_tokens[lo + n])
+            for lo in range(cache.num_layers - n + 1)}
+
+
 @register
 class AngularDistance(Method):
     """Gromov et al. 2024: drop the contiguous block whose input and output are closest in angle."""
@@ -25,9 +32,7 @@ class AngularDistance(Method):
     def plan(self, ctx: PlanContext) -> PlanResult:
         n = self.required_removal(ctx)
         cache = ctx.cache
-        last_tokens = [cache.input_of(i)[:, -1:, :] for i in range(cache.num_layers + 1)]
-        distance = {lo: 1.0 - angular_similarity(last_tokens[lo], last_tokens[lo + n])
-                    for lo in range(cache.num_layers - n + 1)}
+        distance = block_distances(cache, n)
         start = min(distance, key=lambda lo: (distance[lo], lo))
         block = list(range(start, start + n))
         plan = ctx.new_plan(self.name, drop_ops(block, dict.fromkeys(block, distance[start])),

@@ -15,6 +15,11 @@ from layerfold.methods.base import Method, PlanContext, PlanResult, register
 from layerfold.similarity import cosine
 
 
+def block_influence(cache) -> dict[int, float]:
+    """Block Influence of every layer: 1 - mean token cosine between its input and its output."""
+    return {i: 1.0 - cosine(cache.input_of(i), cache.input_of(i + 1)) for i in range(cache.num_layers)}
+
+
 @register
 class ShortGPT(Method):
     """ShortGPT (Men et al. 2024): drop the layers of lowest Block Influence, 1 - cos(input, output)."""
@@ -24,7 +29,7 @@ class ShortGPT(Method):
     def plan(self, ctx: PlanContext) -> PlanResult:
         remove = self.required_removal(ctx)
         cache = ctx.cache
-        influence = {i: 1.0 - cosine(cache.input_of(i), cache.input_of(i + 1)) for i in range(cache.num_layers)}
+        influence = block_influence(cache)
         chosen = lowest(influence, remove)
         plan = ctx.new_plan(self.name, drop_ops(chosen, influence), criterion="block-influence",
                             scores={"block_influence": [influence[i] for i in range(cache.num_layers)],

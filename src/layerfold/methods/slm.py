@@ -24,10 +24,12 @@ from layerfold.calibrate import LayerCache
 from layerfold.correction import fit_output_projection
 from layerfold.errors import LayerfoldError
 from layerfold.merge import build_fused_layer
-from layerfold.methods._common import calibration_loss
+from layerfold.methods._common import calibration_loss, lowest
+from layerfold.methods.angular import block_distances
 from layerfold.methods.base import Method, PlanContext, PlanResult, register
+from layerfold.methods.shortgpt import block_influence
 from layerfold.plan import Operation
-from layerfold.similarity import angular_similarity, cosine, sample_cosine, similarity_matrix
+from layerfold.similarity import sample_cosine, similarity_matrix
 
 CRITERIA = ("output-cosine", "cka-linear", "cka-rbf", "angular", "loss")
 Window = tuple[int, int]
@@ -245,13 +247,19 @@ class SlmEngine:
 
     # --- plans of removed layers (merge=base: a window keeps its base layer, the rest go) ---
 
-    def score_removal(self, removed: set[int] | frozenset[int]) -> float:
-        """The criterion (higher is better) for the model without the layers in ``removed``."""
+    def score_removal(self, removed: set[int] | frozenset[int], start: int | None = None,
+                      hidden: list[torch.Tensor] | None = None) -> float:
+        """The criterion (higher is better) for the model without the layers in ``removed``.
+
+        By default the run starts at the first removed layer from the original activations; a
+        caller that has the hidden states entering position ``start`` of that model (the layers
+        below it being the same) passes them as ``hidden``."""
         key = ("removal", frozenset(removed))
         if key not in self.memo:
-            start = min(removed, default=self.num_layers)
+            if start is None:
+                start = min(removed, default=self.num_layers)
             kept = [i for i in range(start, self.num_layers) if i not in removed]
-            outs = self.cache.run(start, [(self.cache.layers[i], i) for i in kept],
+            outs = self.cache.run(start, [(self.cache.layers[i], i) for i in kept], hidden=hidden,
                                   final_norm=self.criterion == "output-cosine")
             self.memo[key] = self.score_output(outs)
             self.evaluated += 1
@@ -287,15 +295,9 @@ class SlmEngine:
                     new = (removed - {r}) | {k}
                     start = min(r, k)
                     first = min([i for i in kept if i >= start], default=n)  # its input is the hidden at start
-                    layers = [i for i in range(start, n) if i not in new]
-                    key = ("removal", frozenset(new))
-                    if key not in self.memo:
-                        outs = self.cache.run(start, [(self.cache.layers[i], i) for i in layers], hidden=states[first],
-                                              final_norm=self.criterion == "output-cosine")
-                        self.memo[key] = self.score_output(outs)
-                        self.evaluated += 1
-                    if best is None or self.memo[key] > best[0]:
-                        best = (self.memo[key], r, k)
+                    value = self.score_removal(new, start, states[first])
+                    if best is None or value > best[0]:
+                        best = (value, r, k)
             if best is None or best[0] <= score:
                 break
             score, r, k = best
@@ -390,16 +392,13 @@ def portfolio_candidates(engine: SlmEngine, cache: LayerCache, budget: int, max_
                          progress: bool = True) -> dict[str, set[int]]:
     """Plans of removed layers (layer 0 always kept) from four selectors: the greedy fold, the
     optimal windows, the lowest block influence and the closest contiguous block in angle."""
-    n = engine.num_layers
-    inputs = [cache.input_of(i) for i in range(n + 1)]
-    influence = {i: 1.0 - cosine(inputs[i], inputs[i + 1]) for i in range(1, n)}
-    last = [x[:, -1:, :] for x in inputs]
-    distance = {lo: 1.0 - angular_similarity(last[lo], last[lo + budget]) for lo in range(1, n - budget + 1)}
+    influence = {i: v for i, v in block_influence(cache).items() if i > 0}
+    distance = {lo: v for lo, v in block_distances(cache, budget).items() if lo > 0}
     block = min(distance, key=lambda lo: (distance[lo], lo))
     candidates = {
         "greedy": removed_layers(engine.greedy(budget, progress=progress).windows),
         "optimal": removed_layers(engine.optimal(budget, max_window, progress=progress).windows),
-        "block-influence": set(sorted(influence, key=lambda i: (influence[i], i))[:budget]),
+        "block-influence": set(lowest(influence, budget)),
         "angular-block": set(range(block, block + budget)),
     }
     return {name: r for name, r in candidates.items() if 0 not in r}
@@ -466,8 +465,8 @@ class SlidingLayerMerging(Method):
         if self.refine:
             removed, history = engine.refine(removed_layers(run.windows), self.refine, self.refine_radius,
                                              progress=ctx.progress)
-            final = engine.score_removal(removed)
-            run = SlmRun(windows=windows_of(removed), scores=dict.fromkeys(windows_of(removed), final))
+            windows = windows_of(removed)
+            run = SlmRun(windows=windows, scores=dict.fromkeys(windows, engine.score_removal(removed)))
             extra["refine_swaps"] = [{"kept_again": r, "removed": k, "score": v} for r, k, v in history]
         ops = [Operation("fuse", lo, hi, score=run.scores.get((lo, hi)),
                          detail={k: v for k, v in (("rejected_next", run.rejected.get((lo - 1, hi))),
