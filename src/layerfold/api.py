@@ -155,9 +155,7 @@ def prune(model: LoadedModel | str | None = None, out: str | Path | None = None,
     if max_gpu_memory is not None:  # a bad size or a missing GPU fails before any work
         from layerfold.streaming import parse_memory, resolve_compute_device
 
-        if width is not None:
-            raise LayerfoldError("--width cannot be combined with --max-gpu-memory yet: prune the depth with the "
-                                 "cap, then shrink the result")
+        check_width_with_cap(width, max_gpu_memory)
         parse_memory(max_gpu_memory)
         compute_device = resolve_compute_device(compute_device)
     if width is not None:
@@ -192,6 +190,13 @@ def prune(model: LoadedModel | str | None = None, out: str | Path | None = None,
                                 write_extra=lambda folder: save_plan(result, folder / "plan.json"),
                                 max_shard_size=max_shard_size)
     return report
+
+
+def check_width_with_cap(width, max_gpu_memory) -> None:
+    """Width pruning does not stream yet: refuse the two together, before any work."""
+    if width is not None and max_gpu_memory is not None:
+        raise LayerfoldError("--width cannot be combined with --max-gpu-memory yet: prune the depth with the cap, "
+                             "then shrink the result")
 
 
 def _ppl(loaded: LoadedModel, sources: tuple[str, ...], windows: int | None, progress: bool,

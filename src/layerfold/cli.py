@@ -157,9 +157,7 @@ def prune(
         widths.check_depth(target, plan, options)
     _check_out(out, overwrite)
     load_kw, stream_kw = _placement(device, max_gpu_memory, device_map)
-    if widths is not None and max_gpu_memory is not None:
-        raise LayerfoldError("--width cannot be combined with --max-gpu-memory yet: prune the depth with the cap, "
-                             "then shrink the result")
+    api.check_width_with_cap(widths, max_gpu_memory)
     loaded = api.load_model(model, dtype=dtype, **load_kw)
     if widths is not None:
         check_width_support(loaded)
