@@ -1,12 +1,13 @@
-"""Calibration sensitivity of the default `slm` and of ShortGPT on the embedded model (CPU).
+"""Calibration sensitivity of the default `slm` and of a baseline (ShortGPT by default).
 
-Removes 20% of the layers (30 -> 24) with 10, 32 and 128 calibration samples of 128 tokens
-of book text, and with 10 samples of WikiText-2; reports the plan and perplexity over the
-first 60 windows of 128 tokens of PTB test and WikiText-2 test.  A row calibrated on
-WikiText-2 test is not evaluated on WikiText-2 (calibration never overlaps evaluation).
+Removes ``--ratio`` of the layers (default 20%) with 10, 32 and 128 calibration samples of 128
+tokens of book text, and with 10 samples of WikiText-2; reports the plan and perplexity over the
+first ``--windows`` windows of 128 tokens (0: all) of PTB test, WikiText-2 test and LAMBADA.  A row
+calibrated on WikiText-2 test is not evaluated on WikiText-2 (calibration never overlaps
+evaluation).
 
-    LAYERFOLD_WIKITEXT2=/path/wiki.test.raw python benchmarks/sensitivity.py > benchmarks/results/sensitivity.jsonl
-"""
+    LAYERFOLD_WIKITEXT2=/path/wiki.test.raw python benchmarks/sensitivity.py > sensitivity.jsonl
+    python3 benchmarks/sensitivity.py --device cuda --methods "slm;shortgpt" --windows 0   # the H200 run"""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import time
 import torch
 
 from layerfold import api
+from layerfold.cli import _options
 from layerfold.data.tokens import CalibrationConfig
 from layerfold.evaluate.perplexity import perplexity
 from layerfold.methods.base import Target
@@ -31,7 +33,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--methods", default="slm,shortgpt")
+    parser.add_argument("--methods", default="slm;shortgpt",
+                        help='";"-separated methods, each with "+"-joined options as --set takes them, '
+                             'e.g. "slm:selection=greedy+refine=2;shortgpt"')
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--windows", type=int, default=60, help="perplexity windows per text (0: all)")
     parser.add_argument("--bos", action="store_true")
@@ -41,7 +45,7 @@ def main() -> None:
     base = api.load_model(args.model, device=args.device)
     for spec in args.methods.split(";"):
         method, _, opts = spec.partition(":")  # e.g. "slm:selection=portfolio"
-        options = dict(kv.split("=", 1) for kv in opts.split("+") if kv)
+        options = _options(opts.split("+") if opts else [])
         for source, samples in SETTINGS:
             loaded = copy.deepcopy(base)
             calib = CalibrationConfig(source=source, samples=samples, seq_len=128, seed=1234)
