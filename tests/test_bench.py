@@ -1,4 +1,6 @@
-"""`layerfold bench` on CPU: a tiny random Llama against a pruned copy (structure only, no timings)."""
+"""`layerfold bench` on CPU: a tiny random Llama against a pruned copy (structure only, no timings),
+and graph mode's decode (the step a CUDA graph captures on a GPU, run eagerly here) against
+greedy ``generate``."""
 
 from __future__ import annotations
 
@@ -7,9 +9,11 @@ import json
 
 import pytest
 import torch
+from conftest import _config, build_tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
+from layerfold.bench.speed import SpeedConfig, _where, graph_decode, measure_models
 from layerfold.cli import app
 from layerfold.commands import register_all
 from layerfold.errors import LayerfoldError
@@ -72,3 +76,104 @@ def test_bench_rejects_bad_batch_sizes(folders, cli):
     assert isinstance(result.exception, LayerfoldError)
     result = cli.invoke(app, ["bench", str(folders / "dense"), "--device", "cpu", "--new-tokens", "1"])
     assert isinstance(result.exception, LayerfoldError)
+
+
+# ------------------------------------------------------------------------ graph mode
+
+PROMPT, NEW = 5, 12
+
+
+def _tiny(name: str) -> torch.nn.Module:
+    """A conftest tiny model; ``NAME-wide``: its sliding window longer than prompt + new tokens."""
+    if not name.endswith("-wide"):
+        return build_tiny_model(name)
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = _config(name[: -len("-wide")])
+    config.sliding_window = 64
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _pruned(model: torch.nn.Module) -> torch.nn.Module:
+    n = model.config.num_hidden_layers
+    return apply_plan(copy.deepcopy(model), Plan(method="test", num_layers=n, operations=[Operation("drop", 2, 3)]))
+
+
+def _greedy(model: torch.nn.Module, prompt: torch.Tensor) -> torch.Tensor:
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    assert out.shape[1] == PROMPT + NEW
+    return out[:, PROMPT:]
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2-full", "gemma", "opt", "gpt2", "gpt_neox", "mistral-wide",
+                                  "gemma3-wide"])
+def test_graph_decode_matches_greedy_generate(name):
+    """The decode step graph mode captures (4-D mask, static cache, in-place counters) gives
+    generate's greedy tokens, dense and pruned; ``-wide``: sliding layers whose window holds the
+    whole sequence (their cache's Python-side branch stays on the in-place path)."""
+    dense = _tiny(name)
+    prompt = torch.randint(3, dense.config.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(1))
+    for model in (dense, _pruned(dense)):
+        tokens = graph_decode(model, prompt, NEW)
+        assert tokens.shape == (2, NEW)
+        assert torch.equal(tokens, _greedy(model, prompt))
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma3", "phi3"])
+def test_graph_mode_refuses_short_sliding_windows(name):
+    model = build_tiny_model(name)
+    prompt = torch.randint(3, model.config.vocab_size, (2, PROMPT))
+    with pytest.raises(LayerfoldError, match="sliding window of 4 tokens"):
+        graph_decode(model, prompt, NEW)
+
+
+def test_measure_models_graph_rows_like_other_modes():
+    dense = build_tiny_model("llama")
+    models = {"dense": dense, "pruned": _pruned(dense)}
+    config = SpeedConfig(batch_sizes=(1, 2), new_tokens=4, prompt_len=PROMPT, repeats=2, modes=("eager", "graph"),
+                         warmup_tokens=2)
+    results = measure_models(models, config)
+    assert results["config"]["modes"] == ["eager", "graph(eager)"]  # no CUDA graph on the CPU
+    rows = results["results"]
+    assert {(r["mode"], r["batch"], r["model"]) for r in rows} == {
+        (m, b, n) for m in ("eager", "graph(eager)") for b in (1, 2) for n in models}
+    keys = {frozenset(r) for r in rows}
+    assert len(keys) == 1
+    for row in rows:
+        assert row["total_s"] >= row["prefill_s"] > 0 and row["decode_s"] > 0
+        assert len(row["runs"]["decode_s"]) == 2
+        if row["model"] == "pruned":
+            assert row["ideal_layers"] == pytest.approx(6 / 4) and row["decode_share_of_ideal"] > 0
+
+
+def test_graph_mode_rejects_unknown_modes():
+    with pytest.raises(LayerfoldError, match="unknown mode"):
+        SpeedConfig(modes=("graphs",))
+
+
+def test_capture_failure_names_the_op():
+    def broken():
+        torch.zeros(1).item()
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    try:
+        try:
+            broken()
+        except RuntimeError:
+            raise RuntimeError("capture invalidated") from None
+    except RuntimeError as exc:
+        text = _where(exc)
+    assert "operation not permitted when stream is capturing" in text
+    assert "test_bench.py" in text and "in broken" in text
+
+
+def test_bench_cli_graph_mode(folders, cli):
+    out = folders / "graph.json"
+    result = cli.invoke(app, ["bench", str(folders / "dense"), "--vs", str(folders / "pruned"), "--device", "cpu",
+                              "--dtype", "float32", "--batch-sizes", "2", "--new-tokens", "3", "--prompt-len", "5",
+                              "--repeats", "1", "--no-eager", "--no-static", "--graph", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["mode"], r["model"]) for r in rows} == {("graph(eager)", "dense"), ("graph(eager)", "pruned")}

@@ -1,19 +1,29 @@
 """Inference speed of a dense model and its pruned versions, measured in one process.
 
-Every model generates from the same random prompt (speed does not depend on token values)
-through ``transformers``' ``generate``, in two modes:
+Every model generates greedily from the same random prompt (speed does not depend on token
+values), in one of three modes:
 
-- ``eager``: the default dynamic KV cache, no compilation (what a plain ``generate`` does);
-- ``static``: a static KV cache reused across calls, with the decoding forward compiled by
-  ``torch.compile`` (``reduce-overhead``: CUDA graphs on a GPU), the way transformers serves
-  fast; ``--no-compile`` keeps the static cache but runs it eagerly.
+- ``eager``: ``transformers``' ``generate`` with the default dynamic KV cache, no compilation
+  (what a plain ``generate`` does);
+- ``static``: ``generate`` with a static KV cache reused across calls and the decoding forward
+  compiled by ``torch.compile`` (``reduce-overhead``: CUDA graphs on a GPU), the way transformers
+  serves fast; ``--no-compile`` keeps the static cache but runs it eagerly;
+- ``graph``: no ``generate``: the way serving engines decode.  One eager prefill fills a
+  static KV cache, then one decode step (the forward of one token per sequence, greedy argmax,
+  every position counter advanced in place) is captured once as a CUDA graph and replayed
+  ``new_tokens - 1`` times with no host synchronisation in between, so the per-token Python loop
+  and host round trips of ``generate`` vanish.  Only on CUDA is the step captured; on the CPU,
+  and with ``--no-compile``, the same step runs eagerly in a Python loop (label
+  ``graph(eager)``).  Sliding-window layers whose window is shorter than prompt + new tokens are
+  refused (the step passes one full causal mask to every layer).
 
-One call gives the whole latency (``total``); a stopping-criteria hook, called by
-``generate`` after each new token, reads the clock when the first token exists, so the
-prefill (time to first token, generate's set-up included) and the decode of the other
-``new_tokens - 1`` tokens are reported apart.  Repetitions alternate the models' order and
-the median is kept.  Each decode step is set against the memory-bandwidth floor: the bytes
-of weights read per token over the HBM bandwidth (4.8 TB/s on an H200 by its datasheet).
+One call gives the whole latency (``total``) and the prefill (time to first token) and the
+decode of the other ``new_tokens - 1`` tokens apart: in the ``generate`` modes a
+stopping-criteria hook, called by ``generate`` after each new token, reads the clock when the
+first token exists (generate's set-up counts in the prefill); in ``graph`` mode the clock is
+read after the prefill's synchronisation.  Repetitions alternate the models' order and the
+median is kept.  Each decode step is set against the memory-bandwidth floor: the bytes of
+weights read per token over the HBM bandwidth (4.8 TB/s on an H200 by its datasheet).
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import os
 import platform
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -35,7 +46,8 @@ from layerfold.errors import LayerfoldError
 from layerfold.models.arch import architecture_for
 
 HBM_BYTES_PER_S = 4.8e12  # NVIDIA H200 datasheet
-MODES = ("eager", "static")
+MODES = ("eager", "static", "graph")
+DEFAULT_MODES = ("eager", "static")
 GIB = 1024**3
 
 
@@ -49,7 +61,7 @@ class SpeedConfig:
     prompt_len: int = 128
     repeats: int = 3
     compile: bool = True
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = DEFAULT_MODES
     warmup_tokens: int = 8
     seed: int = 0
     bandwidth: float = HBM_BYTES_PER_S
@@ -67,15 +79,24 @@ class SpeedConfig:
         if unknown or not self.modes:
             raise LayerfoldError(f"unknown mode(s) {sorted(unknown)}: choose among {', '.join(MODES)}")
 
-    def mode_label(self, mode: str) -> str:
+    def mode_label(self, mode: str, device: torch.device | None = None) -> str:
+        """The mode as results name it; ``graph`` is ``graph(eager)`` where no CUDA graph is
+        captured (``device`` not CUDA, or ``--no-compile``)."""
         if mode == "eager":
             return "eager"
+        if mode == "graph":
+            return "graph" if _captures(self, device) else "graph(eager)"
         return "static+compile" if self.compile else "static"
 
-    def describe(self) -> dict:
+    def describe(self, device: torch.device | None = None) -> dict:
         out = asdict(self)
-        out["modes"] = [self.mode_label(m) for m in self.modes]
+        out["modes"] = [self.mode_label(m, device) for m in self.modes]
         return out
+
+
+def _captures(config: SpeedConfig, device: torch.device | None) -> bool:
+    """Whether graph mode captures its decode step as a CUDA graph (else it runs it eagerly)."""
+    return config.compile and device is not None and device.type == "cuda"
 
 
 @dataclass
@@ -243,6 +264,209 @@ def _raise_recompile_limits() -> None:
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
 
 
+# ------------------------------------------------------------------------ graph mode
+#
+# What the captured decode step runs, checked in transformers 5.24 (5.17 reads the same in
+# these places) for a Llama given a 4-D mask and explicit position ids:
+# - masking_utils._preprocess_mask_arguments returns a 4-D mask as it is (early exit before
+#   any cache.get_seq_length / get_mask_sizes call), so no mask is built and nothing reads the
+#   cache length; the model's forward calls get_seq_length only when position_ids is None.
+# - cache_utils.StaticLayer.update: lazy_initialization runs on the first update (the prefill,
+#   before any capture); afterwards the write index is arange(1) + cumulative_length, a device
+#   tensor advanced in place (add_), written by index_copy_: no host read, fixed addresses.
+#   StaticSlidingWindowLayer branches on a Python int: correct under capture only while the
+#   window holds the whole sequence (it then takes the index_copy_ path every step), which
+#   _check_cache demands.  cache.reset() zeroes keys, values and lengths in place.
+# - integrations/sdpa_attention: with a mask, is_causal = q_len > 1 and mask is None ... is
+#   False; a (B,1,1,L) mask passes pack_gqa unchanged; no .item() outside jit tracing.
+# - rotary embedding (default rope type: no dynamic_rope_update work), embedding, RMSNorm,
+#   MLP, slice_logits_to_keep (int) and argmax are plain kernels.
+# transformers 5.17 and 5.24 both take no cache_position argument (the cache keeps its own
+# length); it is passed only to a forward that declares it.
+
+
+def _mask_buffer(batch: int, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A (batch, 1, 1, length) additive mask, fully closed, whose rows start 16-element aligned:
+    PyTorch's memory-efficient SDPA kernel copies a mask with unaligned strides on every call."""
+    padded = -(-length // 16) * 16
+    storage = torch.full((batch, 1, 1, padded), torch.finfo(dtype).min, dtype=dtype, device=device)
+    return storage[..., :length]
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost frames of the first exception in ``exc``'s chain (where an op broke capture)."""
+    first = exc
+    while first.__context__ is not None and first.__context__ is not first:
+        first = first.__context__
+    frames = traceback.extract_tb(first.__traceback__)
+    ours = [f for f in frames if f"{os.sep}torch{os.sep}" not in f.filename] or frames
+    picked = ours[-2:] if ours else []
+    where = "; ".join(f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}" for f in picked)
+    return f"{type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''} (at {where or 'unknown'})"
+
+
+class _GraphRunner:
+    """Graph mode for one model at one batch size: a static cache and static buffers that live
+    as long as the runner, one prefill per call, then ``new_tokens - 1`` decode steps, replayed
+    from one CUDA graph when ``capture`` (captured in the first call) and run eagerly otherwise.
+
+    ``tokens``: the last call's generated tokens, (batch, new_tokens), on the model's device."""
+
+    WARMUP_STEPS = 3  # eager steps on a side stream before capture, as PyTorch's CUDA-graph notes advise
+
+    def __init__(self, model: nn.Module, config: SpeedConfig, device: torch.device, capture: bool) -> None:
+        from transformers import StaticCache
+
+        self.model, self.config, self.device, self.capture = model, config, device, capture
+        self.length = config.prompt_len + config.new_tokens
+        self.cache = StaticCache(config=model.config, max_cache_len=self.length)
+        _check_cache(model, self.cache, self.length)
+        params = inspect.signature(model.forward).parameters
+        self.cache_arg = _cache_argument(model)
+        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.pass_position = "cache_position" in params
+        self.dtype = next(model.parameters()).dtype
+        self.batch: int | None = None
+        self.graph = None
+        self.tokens: torch.Tensor | None = None
+
+    def _allocate(self, batch: int) -> None:
+        long = {"dtype": torch.long, "device": self.device}
+        self.batch = batch
+        self.input_ids = torch.zeros((batch, 1), **long)
+        self.position_ids = torch.zeros((batch, 1), **long)
+        self.cache_position = torch.zeros((1,), **long)
+        self.step_index = torch.zeros((1,), **long)
+        self.out = torch.zeros((batch, self.config.new_tokens), **long)
+        self.mask = _mask_buffer(batch, self.length, self.dtype, self.device)
+
+    def _reset(self) -> None:
+        """Back to an empty cache, in place (the captured graph holds these addresses)."""
+        self.cache.reset()
+        self.mask.fill_(torch.finfo(self.dtype).min)
+        for buffer in (self.input_ids, self.position_ids, self.cache_position, self.step_index, self.out):
+            buffer.zero_()
+
+    def _forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        kwargs[self.cache_arg] = self.cache
+        return self.model(input_ids=input_ids, use_cache=True, **kwargs, **self.extra).logits
+
+    def _prefill(self, prompt: torch.Tensor) -> None:
+        """One eager forward over the prompt (transformers builds its causal mask from a 2-D one,
+        as in generate); the first token goes to the input and output buffers."""
+        batch, length = prompt.shape
+        positions = torch.arange(length, device=self.device)
+        kwargs = {"position_ids": positions.unsqueeze(0).expand(batch, -1),
+                  "attention_mask": torch.ones_like(prompt)}
+        if self.pass_position:
+            kwargs["cache_position"] = positions
+        token = self._forward(prompt, **kwargs)[:, -1].argmax(-1, keepdim=True)
+        self.input_ids.copy_(token)
+        self.out[:, :1].copy_(token)
+        self.mask[..., :length].fill_(0)
+        self.position_ids.fill_(length)
+        self.cache_position.fill_(length)
+        self.step_index.fill_(1)
+
+    def _step(self) -> None:
+        """One decode step on the static buffers alone: no host read, every index a tensor."""
+        self.mask.index_fill_(-1, self.cache_position, 0)
+        kwargs = {"position_ids": self.position_ids, "attention_mask": self.mask}
+        if self.pass_position:
+            kwargs["cache_position"] = self.cache_position
+        token = self._forward(self.input_ids, **kwargs)[:, -1].argmax(-1, keepdim=True)
+        self.input_ids.copy_(token)
+        self.out.index_copy_(1, self.step_index, token)
+        self.cache_position.add_(1)
+        self.position_ids.add_(1)
+        self.step_index.add_(1)
+
+    def _capture(self, prompt: torch.Tensor) -> None:
+        self._reset()
+        self._prefill(prompt)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(stream):
+                for _ in range(min(self.WARMUP_STEPS, self.config.new_tokens - 1)):
+                    self._step()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step()
+        except Exception as exc:
+            raise LayerfoldError(f"graph mode: the decode step of {type(self.model).__name__} could not be captured "
+                                 f"as a CUDA graph; {_where(exc)}") from exc
+        self.graph = graph
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, new_tokens: int) -> Timing:
+        batch = prompt.shape[0]
+        if prompt.shape[1] != self.config.prompt_len or new_tokens > self.config.new_tokens:
+            raise LayerfoldError(f"graph mode holds {self.config.prompt_len} prompt + {self.config.new_tokens} new "
+                                 f"tokens, asked for {prompt.shape[1]} + {new_tokens}")
+        if self.batch is None:
+            self._allocate(batch)
+        elif batch != self.batch:
+            raise LayerfoldError(f"graph mode runner built for batch {self.batch}, called with {batch}")
+        if self.capture and self.graph is None:
+            self._capture(prompt)
+        self._reset()
+        _sync(self.device)
+        start = time.perf_counter()
+        self._prefill(prompt)
+        _sync(self.device)
+        first = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+        _sync(self.device)
+        end = time.perf_counter()
+        steps = int(self.step_index.item())
+        if steps != new_tokens:
+            raise LayerfoldError(f"graph mode produced {steps} new tokens, {new_tokens} were asked for")
+        self.tokens = self.out[:, :new_tokens].clone()
+        return Timing(total_s=end - start, prefill_s=first - start, decode_s=end - first)
+
+
+def _check_cache(model: nn.Module, cache, length: int) -> None:
+    """Graph mode hands every layer one full causal mask over the static cache: refuse layers
+    whose cache is not a plain static one (sliding windows shorter than the sequence, etc.)."""
+    from transformers.cache_utils import StaticLayer
+
+    name = getattr(model.config, "model_type", type(model).__name__)
+    for index, layer in enumerate(getattr(cache, "layers", [])):
+        if not isinstance(layer, StaticLayer):
+            raise LayerfoldError(f"graph mode does not support {name}: cache layer {index} is "
+                                 f"{type(layer).__name__}, not a static attention cache; use modes eager or static")
+        if getattr(layer, "is_sliding", False) and layer.max_cache_len < length:
+            raise LayerfoldError(
+                f"graph mode does not support {name} here: layer {index} attends through a sliding window of "
+                f"{layer.max_cache_len} tokens, shorter than prompt + new tokens ({length}), and the graph decode "
+                f"passes one full causal mask to every layer; shorten --prompt-len/--new-tokens to fit the window "
+                f"or use modes eager or static")
+
+
+def _make_runner(model: nn.Module, mode: str, config: SpeedConfig, device: torch.device):
+    if mode == "graph":
+        return _GraphRunner(model, config, device, capture=_captures(config, device))
+    return _Runner(model, mode, config, device)
+
+
+@torch.no_grad()
+def graph_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, capture: bool | None = None) -> torch.Tensor:
+    """Greedy tokens (batch, new_tokens) of graph mode for ``prompt`` (batch, prompt_len) ids:
+    the same path the benchmark times, for checking it against ``generate``.  ``capture``:
+    CUDA-graph capture (default: when the model is on CUDA)."""
+    device = next(model.parameters()).device
+    config = SpeedConfig(batch_sizes=(prompt.shape[0],), new_tokens=new_tokens, prompt_len=prompt.shape[1])
+    runner = _GraphRunner(model, config, device, capture=device.type == "cuda" if capture is None else capture)
+    runner.generate(prompt.to(device), new_tokens)
+    return runner.tokens
+
+
 # ------------------------------------------------------------------------ measuring
 
 
@@ -266,17 +490,18 @@ def _prompt(models: dict[str, nn.Module], batch: int, config: SpeedConfig, devic
 def _measure_cell(models: dict[str, nn.Module], facts: dict[str, dict], mode: str, batch: int,
                   config: SpeedConfig, device: torch.device, log: Callable[[str], None]) -> list[dict]:
     prompt = _prompt(models, batch, config, device)
-    runners: dict[str, _Runner] = {}
+    label = config.mode_label(mode, device)
+    runners: dict[str, _Runner | _GraphRunner] = {}
     held: dict[str, int] = {}
     warmup: dict[str, float] = {}
     for name, model in models.items():
         before = _allocated(device)
-        runners[name] = _Runner(model, mode, config, device)
+        runners[name] = _make_runner(model, mode, config, device)
         start = time.perf_counter()
         runners[name].generate(prompt, min(config.warmup_tokens, config.new_tokens))
         warmup[name] = time.perf_counter() - start
         held[name] = _allocated(device) - before
-        log(f"{config.mode_label(mode)} batch {batch} {name}: warm-up {warmup[name]:.1f} s")
+        log(f"{label} batch {batch} {name}: warm-up {warmup[name]:.1f} s")
     timings: dict[str, list[Timing]] = {name: [] for name in models}
     peak: dict[str, int | None] = {name: None for name in models}
     names = list(models)
@@ -293,10 +518,10 @@ def _measure_cell(models: dict[str, nn.Module], facts: dict[str, dict], mode: st
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return [_row(name, facts[name], mode, batch, config, timings[name], peak[name], warmup[name]) for name in names]
+    return [_row(name, facts[name], label, batch, config, timings[name], peak[name], warmup[name]) for name in names]
 
 
-def _row(name: str, fact: dict, mode: str, batch: int, config: SpeedConfig, runs: list[Timing],
+def _row(name: str, fact: dict, label: str, batch: int, config: SpeedConfig, runs: list[Timing],
          peak: int | None, warmup_s: float) -> dict:
     total = statistics.median(t.total_s for t in runs)
     prefill = statistics.median(t.prefill_s for t in runs)
@@ -304,7 +529,7 @@ def _row(name: str, fact: dict, mode: str, batch: int, config: SpeedConfig, runs
     steps = config.new_tokens - 1
     decode_ms = 1000 * decode / steps
     floor_ms = 1000 * fact["read_bytes"] / config.bandwidth
-    row = {"mode": config.mode_label(mode), "batch": batch, "model": name, "layers": fact["layers"],
+    row = {"mode": label, "batch": batch, "model": name, "layers": fact["layers"],
            "total_s": total, "prefill_s": prefill, "decode_s": decode, "decode_ms_per_token": decode_ms,
            "prefill_tokens_per_s": batch * config.prompt_len / prefill,
            "decode_tokens_per_s": batch * steps / decode, "tokens_per_s": batch * config.new_tokens / total,
@@ -366,7 +591,7 @@ def measure_models(models: dict[str, nn.Module], config: SpeedConfig | None = No
             rows.extend(_measure_cell(models, facts, mode, batch, config, device, log))
     reference = next(iter(models))
     _add_ratios(rows, facts, reference)
-    return {"config": config.describe(), "machine": machine_info(device), "models": facts,
+    return {"config": config.describe(device), "machine": machine_info(device), "models": facts,
             "reference": reference, "results": rows}
 
 

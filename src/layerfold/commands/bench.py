@@ -41,10 +41,15 @@ def bench(
                                                     "(compiles; use --new-tokens for eager, whose allocator "
                                                     "otherwise grows in the first timed call).")] = 8,
     compile: Annotated[bool, typer.Option("--compile/--no-compile",
-                                          help="Compile the static-cache decode (torch.compile, CUDA graphs).")]
+                                          help="Compile the static-cache decode (torch.compile, CUDA graphs) and "
+                                               "capture graph mode's decode step as a CUDA graph.")]
     = True,
     static: Annotated[bool, typer.Option("--static/--no-static", help="Measure the static-cache mode.")] = True,
     eager: Annotated[bool, typer.Option("--eager/--no-eager", help="Measure plain eager generate.")] = True,
+    graph: Annotated[bool, typer.Option("--graph/--no-graph",
+                                        help="Measure graph mode: no generate, one decode step over a static cache "
+                                             "captured as a CUDA graph and replayed (run eagerly on the CPU).")]
+    = False,
     bandwidth: Annotated[float, typer.Option(help="Memory bandwidth in TB/s for the decode floor (H200: 4.8).")]
     = 4.8,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
@@ -57,7 +62,7 @@ def bench(
 
     from layerfold.bench.speed import SpeedConfig, floor_note, load_for_bench, measure_models, results_table
 
-    modes = tuple(m for m, on in (("eager", eager), ("static", static)) if on)
+    modes = tuple(m for m, on in (("eager", eager), ("static", static), ("graph", graph)) if on)
     config = SpeedConfig(batch_sizes=_batch_sizes(batch_sizes), new_tokens=new_tokens, prompt_len=prompt_len,
                          repeats=repeats, compile=compile, modes=modes, warmup_tokens=warmup_tokens,
                          bandwidth=bandwidth * 1e12)
