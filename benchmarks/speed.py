@@ -1,11 +1,14 @@
 """Speed benchmarks on random-initialised models of real shapes (speed does not depend on weight values).
 
     python benchmarks/speed.py inference --shape 7b --remove 11 --out inference-7b.json
+    python benchmarks/speed.py inference --shape 7b --remove 6,11 --modes graph --out graph-7b.json
     python benchmarks/speed.py pruning --shape 7b --out pruning-7b.json
     python benchmarks/speed.py markdown inference-7b.json pruning-7b.json
 
-``inference``: layerfold's speed bench (``layerfold.bench.speed``) on the dense model and a copy
-pruned in memory by ``layerfold.surgery.apply_plan``.
+``inference``: layerfold's speed bench (``layerfold.bench.speed``) on the dense model and one
+copy per ``--remove`` count (e.g. ``6,11``: 20% and 35% of 32 layers), pruned in memory by
+``layerfold.surgery.apply_plan``.  ``--modes``: any of ``eager``, ``static`` (generate, compiled)
+and ``graph`` (a static cache and one decode step replayed as a CUDA graph, no generate).
 
 ``pruning``: what planning costs.  layerfold's SLM engine (``api.make_plan``) at one
 threshold and as a target-size search, against the authors' naive loop
@@ -119,15 +122,30 @@ def weight_bytes(model: torch.nn.Module) -> int:
 # ------------------------------------------------------------------------ inference
 
 
+def remove_counts(value: str, num_layers: int) -> list[int]:
+    """``--remove``: one count or several separated by commas (``6,11``), each 1..num_layers-1."""
+    try:
+        counts = [int(v) for v in str(value).split(",") if v.strip()]
+    except ValueError as exc:
+        raise SystemExit(f"--remove expects integers separated by commas, got '{value}'") from exc
+    bad = [c for c in counts if not 0 < c < num_layers]
+    if not counts or bad or len(set(counts)) != len(counts):
+        raise SystemExit(f"--remove: distinct counts between 1 and {num_layers - 1}, got '{value}'")
+    return counts
+
+
 def run_inference(args) -> dict:
     """One ``measure_models`` call per batch size (the ratios are per batch size anyway), the
     JSON rewritten after each, so that a run cut short keeps what it measured."""
+    n = SHAPES[args.shape]["num_hidden_layers"]
+    removes = remove_counts(args.remove, n)
+    SpeedConfig(modes=tuple(args.modes.split(",")))  # an unknown mode fails before the model is built
     log(f"building {args.shape} ({args.dtype}) on {args.device}")
     dense = build_random(args.shape, DTYPES[args.dtype], args.device)
-    n = dense.config.num_hidden_layers
-    pruned = apply_plan(copy.deepcopy(dense), drop_plan(n, args.remove))
-    free()
-    models = {f"dense-{n}": dense, f"pruned-{n - args.remove}": pruned}
+    models = {f"dense-{n}": dense}
+    for remove in removes:
+        models[f"pruned-{n - remove}"] = apply_plan(copy.deepcopy(dense), drop_plan(n, remove))
+        free()
     results: dict = {}
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         config = SpeedConfig(batch_sizes=(batch,), new_tokens=args.new_tokens, prompt_len=args.prompt_len,
@@ -335,8 +353,9 @@ def run_pruning(args) -> dict:
     free()
     log("naive loop, one threshold")
     seconds, times, peak, (windows, candidates) = repeated(lambda: naive_slm(model, tokens, threshold))
-    out["naive"] = {"seconds": seconds, "runs_s": times, "candidates": candidates, "windows": [list(w) for w in windows],
-                    "peak_bytes": peak, "peak_x_weights": None if peak is None else peak / weights}
+    out["naive"] = {"seconds": seconds, "runs_s": times, "candidates": candidates,
+                    "windows": [list(w) for w in windows], "peak_bytes": peak,
+                    "peak_x_weights": None if peak is None else peak / weights}
     log(f"  {seconds:.2f} s, windows {windows}")
     out["same_windows"] = [tuple(w) for w in out["naive"]["windows"]] == [tuple(w) for w in out["engine"]["windows"]]
     save(out, args.out)
@@ -369,17 +388,19 @@ def inference_markdown(res: dict) -> str:
     lines = [f"Shape {res['shape']['name']} ({res['shape']['dtype']}); {floor_note(res)}.", "",
              "| mode | batch | model | layers | latency s | prefill ms | decode ms/tok | x floor (weights) | "
              "x floor (weights+KV) | decode tok/s | prefill tok/s | peak GiB | speed-up decode | speed-up prefill | "
-             "speed-up total | ideal L/L' | warm-up s |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "speed-up total | ideal L/L' | decode share of ideal | warm-up s |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["results"]:
         kv = r["decode_ms_per_token"] / r["floor_kv_ms_per_token"] if r["floor_kv_ms_per_token"] else None
+        share = r.get("decode_share_of_ideal")
         lines.append(
             f"| {r['mode']} | {r['batch']} | {r['model']} | {r['layers']} | {r['total_s']:.3f} | "
             f"{1000 * r['prefill_s']:.1f} | {r['decode_ms_per_token']:.2f} | {r['x_floor']:.2f} | "
             f"{'-' if kv is None else f'{kv:.2f}'} | {r['decode_tokens_per_s']:,.0f} | "
             f"{r['prefill_tokens_per_s']:,.0f} | "
             f"{_gib(r['peak_memory_bytes'])} | {r['speedup_decode']:.2f} | {r['speedup_prefill']:.2f} | "
-            f"{r['speedup_total']:.2f} | {r['ideal_layers']:.2f} | {r['warmup_s']:.1f} |")
+            f"{r['speedup_total']:.2f} | {r['ideal_layers']:.2f} | {'-' if share is None else f'{share:.2f}'} | "
+            f"{r['warmup_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -389,7 +410,8 @@ def pruning_markdown(res: dict) -> str:
     rows += [(f"layerfold target search, ratio {r}", s) for r, s in res["search"].items()]
     lines = [f"Shape {res['shape']['name']} ({res['shape']['dtype']}), weights {_gib(w)} GiB; threshold "
              f"{res['threshold']:.6f}; same windows: {res['same_windows']}.", "",
-             "| run | wall s (median) | every run s (first = cold) | candidates | windows | peak GiB | peak / weights |",
+             "| run | wall s (median) | every run s (first = cold) | candidates | windows | peak GiB "
+             "| peak / weights |",
              "|---|---:|---|---:|---|---:|---:|"]
     for name, r in rows:
         x = "-" if r["peak_x_weights"] is None else f"{r['peak_x_weights']:.2f}"
@@ -434,12 +456,13 @@ def main() -> None:
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--out", type=Path)
     inf = sub.choices["inference"]
-    inf.add_argument("--remove", type=int, default=11, help="layers dropped from the copy")
+    inf.add_argument("--remove", default="11",
+                     help="layers dropped from a pruned copy; several counts, comma-separated, make several copies")
     inf.add_argument("--batch-sizes", default="1,16,64")
     inf.add_argument("--new-tokens", type=int, default=128)
     inf.add_argument("--prompt-len", type=int, default=128)
     inf.add_argument("--repeats", type=int, default=3)
-    inf.add_argument("--modes", default="eager,static")
+    inf.add_argument("--modes", default="eager,static", help="comma-separated: eager, static, graph")
     inf.add_argument("--no-compile", action="store_true")
     inf.add_argument("--warmup-tokens", type=int, default=8,
                      help="length of the untimed call before each model's timed calls (per batch size)")

@@ -279,8 +279,12 @@ def _raise_recompile_limits() -> None:
 #   _check_cache demands.  cache.reset() zeroes keys, values and lengths in place.
 # - integrations/sdpa_attention: with a mask, is_causal = q_len > 1 and mask is None ... is
 #   False; a (B,1,1,L) mask passes pack_gqa unchanged; no .item() outside jit tracing.
-# - rotary embedding (default rope type: no dynamic_rope_update work), embedding, RMSNorm,
-#   MLP, slice_logits_to_keep (int) and argmax are plain kernels.
+# - rotary embedding (default rope type: dynamic_rope_update does nothing; a "dynamic" rope
+#   reads max(position_ids) on the host and would break capture), embedding, RMSNorm, MLP,
+#   slice_logits_to_keep (int) and argmax are plain kernels; index_fill_/index_copy_ take
+#   tensor indices (bounds checked on the device).
+# The mask position opened each step (cache_position) and the cache's own write index
+# (cumulative_length) agree: both are P after the prefill and advance by one per step.
 # transformers 5.17 and 5.24 both take no cache_position argument (the cache keeps its own
 # length); it is passed only to a forward that declares it.
 
@@ -295,9 +299,10 @@ def _mask_buffer(batch: int, length: int, dtype: torch.dtype, device: torch.devi
 
 def _where(exc: BaseException) -> str:
     """The innermost frames of the first exception in ``exc``'s chain (where an op broke capture)."""
-    first = exc
-    while first.__context__ is not None and first.__context__ is not first:
+    first, seen = exc, {id(exc)}
+    while first.__context__ is not None and id(first.__context__) not in seen:
         first = first.__context__
+        seen.add(id(first))
     frames = traceback.extract_tb(first.__traceback__)
     ours = [f for f in frames if f"{os.sep}torch{os.sep}" not in f.filename] or frames
     picked = ours[-2:] if ours else []
