@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_session.sh setup            # SmolLM2 GGUF + data + wheels in place
 #   bash benchmarks/gpu_session.sh launch JOBS [PER_GPU] [GPUS]  # start a queue (a file of commands)
 #   bash benchmarks/gpu_session.sh gemma            # assemble + convert Gemma-3-270M to ~/lf/gemma
+#   bash benchmarks/gpu_session.sh chain QUEUE JOBS...  # after QUEUE ends: Gemma conversion, then the JOBS
 #   bash benchmarks/gpu_session.sh status           # progress; results packed into $OUT/results.tgz
 #
 # Jobs run from a snapshot of the repository (~/lf/repo-N) with the environment of `env`.
@@ -81,6 +82,17 @@ convert_gguf(out.parent, out.name, lf / "gemma")
 print("gemma ready", digest[:16], "transformers", transformers.__version__)
 EOF
   ;;
+chain)
+  # chain QUEUE JOBS...: in the background, wait for queue QUEUE to end (timing runs keep the GPU to
+  # themselves), then convert Gemma (if its parts arrived) and launch each job file, 2 a GPU
+  queue=$2; shift 2
+  setsid nohup bash -c '
+    while pgrep -f "gpu_queue.py $0" > /dev/null; do sleep 5; done
+    if ls "$1"/ship/*part4*.whl > /dev/null 2>&1; then bash benchmarks/gpu_session.sh gemma > "$1/out/gemma.log" 2>&1; fi
+    shift; for j in "$@"; do bash benchmarks/gpu_session.sh launch "$j" 2; done
+  ' "$LF/out/$queue.jobs" "$LF" "$@" > "$LF/out/chain.log" 2>&1 < /dev/null &
+  echo "chained after $queue: $*"
+  ;;
 status)
   for q in "$LF"/out/*.jobs; do
     [ -f "$q" ] || continue
@@ -94,5 +106,5 @@ status)
   if [ -n "${OUT:-}" ]; then tar czf "$OUT/results.tgz" -C "$LF" out; fi
   ;;
 *)
-  echo "usage: $0 receive|setup|launch JOBS [PER_GPU]|gemma|status" >&2; exit 2 ;;
+  echo "usage: $0 receive|setup|launch JOBS [PER_GPU]|gemma|chain QUEUE JOBS...|status" >&2; exit 2 ;;
 esac

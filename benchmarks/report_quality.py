@@ -2,12 +2,18 @@
 the validation ranking that picks layerfold's default.
 
     python benchmarks/report_quality.py --model SmolLM2-135M=benchmarks/results/quality_smol \\
-        --model Gemma-3-270M=benchmarks/results/quality_gemma
+        --model "Gemma-3-270M (H200)=benchmarks/results/quality_gemma/session3_gpu_*.jsonl" \\
+        --model "Gemma-3-270M (CPU)=benchmarks/results/quality_gemma/session*_cpu*.jsonl" \\
+        --rank "SmolLM2-135M,Gemma-3-270M (CPU)" --rank "SmolLM2-135M,Gemma-3-270M (H200)" \\
+        --fullsets "benchmarks/results/quality_smol_fullsets*.jsonl"
 
-Each ``--model LABEL=PATH`` names a folder of ``*.jsonl`` (or one file); rows of the same
-configuration and ratio are merged (perplexity phase + zero-shot phase).  Prints markdown (one
-table per model and ratio, then the ranking) and writes quality.json and quality.png beside
-the first folder's parent (``--out``).
+Each ``--model LABEL=PATH`` names a folder of ``*.jsonl``, one file or a glob pattern; rows of the
+same configuration and ratio are merged (perplexity phase + zero-shot phase; later files win). A
+label may be given several times (its sources merge in order), and ``LABEL=PATH|OLD>NEW`` renames
+configuration OLD to NEW in that source.
+Prints markdown (one table per model and ratio, one validation ranking per ``--rank`` list of
+labels, default all of them, then the ``--fullsets`` zero-shot table) and writes quality.json and
+quality.png into ``--out``.
 """
 
 from __future__ import annotations
@@ -24,14 +30,33 @@ PPL_HEAD = ["WikiText-2", "PTB", "LAMBADA", "PTB-valid", "WikiText-2 @2048", "PT
 SELECTION = "ppl/ptb-valid@128"
 
 
-def load(path: Path) -> dict[tuple[str, float], dict]:
-    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
-    rows: dict[tuple[str, float], dict] = {}
-    for file in files:
+def files_of(spec: str) -> list[Path]:
+    """A folder's ``*.jsonl``, one file, or the files a glob pattern matches (sorted)."""
+    path = Path(spec)
+    if any(c in spec for c in "*?["):
+        anchor = Path(spec.split("*")[0].split("?")[0].split("[")[0])
+        root = anchor if spec.endswith("/") or anchor.is_dir() else anchor.parent
+        files = sorted(root.glob(str(Path(spec).relative_to(root))))
+    else:
+        files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    if not files:
+        raise SystemExit(f"no result files at {spec}")
+    return files
+
+
+def load(spec: str, rows: dict[tuple[str, float], dict] | None = None) -> dict[tuple[str, float], dict]:
+    """Rows of the files at ``spec`` merged into ``rows``.  ``PATH|OLD>NEW`` renames configuration
+    OLD to NEW in those files (rows measured before a default changed keep their meaning)."""
+    path, _, rename = spec.partition("|")
+    old, _, new = rename.partition(">")
+    rows = {} if rows is None else rows
+    for file in files_of(path):
         for line in file.read_text().splitlines():
             row = json.loads(line)
             if "config" not in row:
                 continue
+            if rename and row["config"] == old:
+                row["config"] = new
             merged = rows.setdefault((row["config"], row["ratio"]), {})
             merged.update({k: v for k, v in row.items() if v is not None})
     return rows
@@ -65,6 +90,27 @@ def table(rows: dict, ratio: float, default: str) -> str:
         cells += [fmt(100 * zs[t]) if t in zs else "-" for t in TASKS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def fullsets_table(spec: str) -> str:
+    """Zero-shot rows measured on the full task sets (every document), one per configuration and
+    ratio, with the number of documents checked."""
+    rows = []
+    for file in files_of(spec):
+        rows += [json.loads(line) for line in file.read_text().splitlines()]
+    rows = [r for r in rows if r.get("zeroshot")]
+    lines = ["| method | ratio | layers | 7-task avg | avg w/o BoolQ | WikiText-2 @2048 | PTB @2048 | "
+             + " | ".join(TASKS) + " |", "|" + "---|" * (7 + len(TASKS))]
+    for r in sorted(rows, key=lambda r: (r["ratio"], -(r.get("zs/mean") or 0))):
+        zs = r["zeroshot"]
+        lines.append("| " + " | ".join([r["config"], str(r["ratio"]), str(r.get("layers", "-")), pct(r, "zs/mean"),
+                                        pct(r, "zs/mean_without_boolq"), fmt(r.get("ppl/wikitext2@2048")),
+                                        fmt(r.get("ppl/ptb@2048"))]
+                                       + [fmt(100 * zs[t]) if t in zs else "-" for t in TASKS]) + " |")
+    samples = {tuple(sorted(r["zeroshot_samples"].items())) for r in rows
+               if isinstance(r.get("zeroshot_samples"), dict)}
+    docs = " / ".join(str(dict(next(iter(samples)))[t]) for t in TASKS) if len(samples) == 1 else "mixed counts"
+    return f"Documents per task ({', '.join(TASKS)}): {docs}.\n\n" + "\n".join(lines)
 
 
 def ranking(models: dict[str, dict]) -> list[tuple[float, str, list]]:
@@ -125,12 +171,20 @@ def main() -> None:
     parser.add_argument("--model", action="append", required=True, help="LABEL=PATH (folder of .jsonl or a file)")
     parser.add_argument("--default", default="slm", help="the configuration marked as layerfold's default")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--rank", action="append", default=[],
+                        help="comma list of model labels for one validation ranking (repeatable; default: all)")
+    parser.add_argument("--fullsets", default=None, help="file or glob of zero-shot rows on the full task sets")
     args = parser.parse_args()
     models = {}
-    for spec in args.model:
+    for spec in args.model:  # a label given twice merges its sources, later ones winning
         label, _, path = spec.partition("=")
-        models[label] = load(Path(path))
+        models[label] = load(path, models.get(label))
+    for labels in args.rank:
+        unknown = [name for name in labels.split(",") if name not in models]
+        if unknown:
+            parser.error(f"--rank names unknown labels {unknown}; known: {list(models)}")
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(
         {label: [{"config": k[0], "ratio": k[1], **v} for k, v in sorted(rows.items())]
          for label, rows in models.items()}, indent=1) + "\n")
@@ -139,14 +193,18 @@ def main() -> None:
         for ratio in sorted({k[1] for k in rows if k[1] > 0}):
             print(f"\n### {label}, {int(round(ratio * 100))}% of decoder layers removed\n")
             print(table(rows, ratio, args.default))
-    ranked, cases = ranking(models)
-    print("\n### Validation ranking (geometric mean of PTB-valid perplexity over "
-          + ", ".join(f"{m} {int(round(r * 100))}%" for m, r in cases) + ")\n")
-    print("| rank | configuration | geometric mean | " + " | ".join(f"{m} {int(round(r * 100))}%" for m, r in cases)
-          + " |")
-    print("|" + "---|" * (3 + len(cases)))
-    for i, (g, name, values) in enumerate(ranked, 1):
-        print(f"| {i} | {name} | {fmt(g)} | " + " | ".join(fmt(v) for v in values) + " |")
+    for labels in args.rank or [",".join(models)]:
+        ranked, cases = ranking({name: models[name] for name in labels.split(",")})
+        print("\n### Validation ranking (geometric mean of PTB-valid perplexity over "
+              + ", ".join(f"{m} {int(round(r * 100))}%" for m, r in cases) + ")\n")
+        print("| rank | configuration | geometric mean | "
+              + " | ".join(f"{m} {int(round(r * 100))}%" for m, r in cases) + " |")
+        print("|" + "---|" * (3 + len(cases)))
+        for i, (g, name, values) in enumerate(ranked, 1):
+            print(f"| {i} | {name} | {fmt(g)} | " + " | ".join(fmt(v) for v in values) + " |")
+    if args.fullsets:
+        print("\n### Zero-shot on the full task sets (SmolLM2-135M)\n")
+        print(fullsets_table(args.fullsets))
 
 
 if __name__ == "__main__":

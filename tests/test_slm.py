@@ -213,15 +213,55 @@ def test_refine_swaps_only_improve_and_incremental_scores_match_a_full_run(radiu
     assert fresh.score_removal(got) >= fresh.score_removal(removed_layers(greedy.plan.windows())) - 1e-9
 
 
-def test_portfolio_keeps_the_best_scoring_candidate():
+@pytest.mark.parametrize("pick", ["kl", "criterion"])
+def test_portfolio_keeps_the_best_scoring_candidate(pick):
     model, toks = tiny_llama(layers=10, seed=4), tokens()
-    result = api.make_plan(wrap_model(model), "slm", Target(layers=7), options={"selection": "portfolio"},
+    result = api.make_plan(wrap_model(model), "slm", Target(layers=7), options={"selection": "portfolio", "pick": pick},
                            tokens=toks, progress=False)
     scores = result.plan.scores["portfolio"]
     assert set(scores) <= {"greedy", "optimal", "block-influence", "angular-block"} and len(scores) >= 3
-    pick = result.plan.scores["portfolio_pick"]
-    assert scores[pick] == max(scores.values())
+    chosen = result.plan.scores["portfolio_pick"]
+    if pick == "kl":
+        kl = result.plan.scores["portfolio_kl"]
+        assert set(kl) == set(scores) and min(kl.values()) >= 0
+        assert kl[chosen] == min(kl.values())
+    else:
+        assert "portfolio_kl" not in result.plan.scores
+        assert scores[chosen] == max(scores.values())
     assert result.plan.num_layers_after == 7
+
+
+def test_portfolio_picks_by_kl_by_default():
+    from layerfold.methods.base import make_method
+
+    assert make_method("slm", {}).pick == "kl"
+    with pytest.raises(Exception, match="pick"):
+        make_method("slm", {"pick": "cosine"})
+
+
+def test_output_kl_matches_the_models_own_logits():
+    """The engine's KL of a removal equals KL(original || pruned) computed from the two models'
+    logits on the calibration tokens; no removal gives 0."""
+    from layerfold.calibrate import capture
+    from layerfold.methods.slm import SlmEngine
+    from layerfold.models.arch import architecture_for
+
+    model, toks = tiny_llama(layers=8, seed=5), tokens(n=3, t=12)
+    cache = capture(model, architecture_for(model.config), toks, batch_size=2, progress=False)
+    engine = SlmEngine(cache, "output-cosine", "base", "base")
+    assert engine.kl_removal(set()) == pytest.approx(0.0, abs=1e-9)
+    removed = {3, 4, 6}
+    pruned = copy.deepcopy(model)
+    pruned.model.layers = torch.nn.ModuleList(l for i, l in enumerate(pruned.model.layers) if i not in removed)
+    pruned.config.num_hidden_layers = len(pruned.model.layers)
+    for i, layer in enumerate(pruned.model.layers):
+        layer.self_attn.layer_idx = i
+    with torch.no_grad():
+        p = torch.log_softmax(model(toks).logits.float(), -1)
+        q = torch.log_softmax(pruned(toks).logits.float(), -1)
+    expected = float((p.exp() * (p - q)).sum(-1).mean())
+    assert expected > 1e-4
+    assert engine.kl_removal(removed) == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.parametrize("options", [{"refine": 2, "merge": "diff"}, {"selection": "portfolio", "fit": "ridge"},

@@ -52,6 +52,36 @@ def nll_sum(cache: LayerCache, hidden: torch.Tensor, targets: torch.Tensor) -> t
     return total, labels.numel()
 
 
+def _log_probs(cache: LayerCache, states: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities from final-normed states ([N, H]), with the model's own lm head
+    and final logit soft-capping."""
+    logits = output_head(cache)(states).float()
+    softcap = getattr(cache.model.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return torch.log_softmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def output_kl(cache: LayerCache, outputs: Hidden) -> float:
+    """Mean KL(original || pruned) of the next-token distributions over every calibration token,
+    from the pruned model's last-layer per-batch ``outputs`` (before the final norm); the
+    original's are the cache's last outputs.  Logits are made ``_LOGIT_ROWS`` tokens at a time
+    for both models, so memory stays bounded on large vocabularies."""
+    norm = cache.arch.final_norm_module(cache.model)
+    total, count = 0.0, 0
+    for ref, out in zip(cache.inputs[cache.num_layers], outputs, strict=True):
+        width = ref.shape[-1]
+        ref_states = norm(ref.to(cache.device)).reshape(-1, width)
+        out_states = norm(out.to(cache.device)).reshape(-1, width)
+        for start in range(0, ref_states.shape[0], _LOGIT_ROWS):
+            p = _log_probs(cache, ref_states[start:start + _LOGIT_ROWS])
+            q = _log_probs(cache, out_states[start:start + _LOGIT_ROWS]).to(p.device)
+            total += float((p.exp() * (p - q)).sum())
+        count += ref_states.shape[0]
+    return total / count
+
+
 @torch.no_grad()
 def calibration_loss(cache: LayerCache, outputs: Hidden) -> float:
     """Mean next-token NLL on the calibration tokens, from the last layer's per-batch outputs."""

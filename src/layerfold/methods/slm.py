@@ -24,7 +24,7 @@ from layerfold.calibrate import LayerCache
 from layerfold.correction import fit_output_projection
 from layerfold.errors import LayerfoldError
 from layerfold.merge import build_fused_layer
-from layerfold.methods._common import calibration_loss, lowest
+from layerfold.methods._common import calibration_loss, lowest, output_kl
 from layerfold.methods.angular import block_distances
 from layerfold.methods.base import Method, PlanContext, PlanResult, register
 from layerfold.methods.shortgpt import block_influence
@@ -265,6 +265,18 @@ class SlmEngine:
             self.evaluated += 1
         return self.memo[key]
 
+    def kl_removal(self, removed: set[int] | frozenset[int]) -> float:
+        """Mean KL(original || pruned) of next-token distributions on the calibration tokens for
+        the model without the layers in ``removed`` (lower is better)."""
+        key = ("removal-kl", frozenset(removed))
+        if key not in self.memo:
+            start = min(removed, default=self.num_layers)
+            kept = [i for i in range(start, self.num_layers) if i not in removed]
+            outs = self.cache.run(start, [(self.cache.layers[i], i) for i in kept])
+            self.memo[key] = output_kl(self.cache, outs)
+            self.evaluated += 1
+        return self.memo[key]
+
     def _kept_inputs(self, kept: list[int]) -> dict[int, list[torch.Tensor]]:
         """Input of every kept layer in the model that keeps only ``kept`` (key L: its output)."""
         states, hidden = {}, self.cache.inputs[kept[0]]
@@ -410,12 +422,14 @@ class SlidingLayerMerging(Method):
 
     Defaults (chosen on PTB-valid perplexity over SmolLM2-135M and Gemma-3-270M at 20% and 35%,
     benchmarks/results/quality.md): each window keeps its base layer (``merge="base"``), and the
-    windows are those of the best of several candidate plans scored alike by the whole model's
-    output cosine on calibration text (``selection="portfolio"``): the greedy fold (adjacent
-    segments folded one pair at a time, each time the pair that keeps the final output closest to
-    the original's), the optimal windows (dynamic programming on a local cost), the lowest block
-    influence and the closest contiguous block in angle.  ``selection="greedy"`` and
-    ``"optimal"`` run one selector; ``refine=N`` adds a swap search.  The paper's procedure is
+    windows are those of the best of several candidate plans (``selection="portfolio"``): the
+    greedy fold (adjacent segments folded one pair at a time, each time the pair that keeps the
+    final output closest in cosine to the original's), the optimal windows (dynamic programming on
+    a local cost), the lowest block influence and the closest contiguous block in angle.  The
+    candidates are compared by the KL divergence of the pruned model's next-token distributions
+    from the original's on the calibration tokens (``pick="kl"``; ``pick="criterion"`` compares
+    them by the criterion, the output cosine, which was the default before).  ``selection="greedy"``
+    and ``"optimal"`` run one selector; ``refine=N`` adds a swap search.  The paper's procedure is
     ``slm-paper``; the authors' code, ``slm-reference``.
     """
 
@@ -432,6 +446,7 @@ class SlidingLayerMerging(Method):
     threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
     refine: int = Field(default=0, ge=0)
     refine_radius: int = Field(default=0, ge=0)
+    pick: Literal["kl", "criterion"] = "kl"
 
     @model_validator(mode="after")
     def _threshold_means_sliding(self):
@@ -488,10 +503,15 @@ class SlidingLayerMerging(Method):
         alike by the criterion on the whole model's output; the best is kept."""
         candidates = portfolio_candidates(engine, cache, budget, self.max_window, progress)
         scores = {name: engine.score_removal(r) for name, r in candidates.items()}
-        pick = max(scores, key=lambda name: scores[name])
+        extra: dict = {"portfolio": scores}
+        if self.pick == "kl":
+            kl = {name: engine.kl_removal(r) for name, r in candidates.items()}
+            pick = min(kl, key=lambda name: (kl[name], -scores[name]))
+            extra["portfolio_kl"] = kl
+        else:
+            pick = max(scores, key=lambda name: scores[name])
         windows = windows_of(candidates[pick])
-        return (SlmRun(windows=windows, scores=dict.fromkeys(windows, scores[pick])),
-                {"portfolio": scores, "portfolio_pick": pick})
+        return SlmRun(windows=windows, scores=dict.fromkeys(windows, scores[pick])), {**extra, "portfolio_pick": pick}
 
     def _budget(self, ctx: PlanContext) -> int | None:
         budget = ctx.layers_to_remove()
