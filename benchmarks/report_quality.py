@@ -10,7 +10,9 @@ the validation ranking that picks layerfold's default.
 Each ``--model LABEL=PATH`` names a folder of ``*.jsonl``, one file or a glob pattern; rows of the
 same configuration and ratio are merged (perplexity phase + zero-shot phase; later files win). A
 label may be given several times (its sources merge in order), and ``LABEL=PATH|OLD>NEW`` renames
-configuration OLD to NEW in that source.
+configuration OLD to NEW in that source. ``--same-plan LABEL:CONFIG@RATIO=OTHER`` shows, for a
+configuration whose plan was checked to equal OTHER's (same removed layers, same fused layers),
+OTHER's measured figures, marked as such in the table.
 Prints markdown (one table per model and ratio, one validation ranking per ``--rank`` list of
 labels, default all of them, then the ``--fullsets`` zero-shot table) and writes quality.json and
 quality.png into ``--out``.
@@ -44,12 +46,12 @@ def files_of(spec: str) -> list[Path]:
     return files
 
 
-def load(spec: str, rows: dict[tuple[str, float], dict] | None = None) -> dict[tuple[str, float], dict]:
-    """Rows of the files at ``spec`` merged into ``rows``.  ``PATH|OLD>NEW`` renames configuration
-    OLD to NEW in those files (rows measured before a default changed keep their meaning)."""
+def read_rows(spec: str) -> list[dict]:
+    """The rows of the files at ``spec``; ``PATH|OLD>NEW`` renames configuration OLD to NEW in
+    them (rows measured before a default changed keep their meaning)."""
     path, _, rename = spec.partition("|")
     old, _, new = rename.partition(">")
-    rows = {} if rows is None else rows
+    rows = []
     for file in files_of(path):
         for line in file.read_text().splitlines():
             row = json.loads(line)
@@ -57,8 +59,16 @@ def load(spec: str, rows: dict[tuple[str, float], dict] | None = None) -> dict[t
                 continue
             if rename and row["config"] == old:
                 row["config"] = new
-            merged = rows.setdefault((row["config"], row["ratio"]), {})
-            merged.update({k: v for k, v in row.items() if v is not None})
+            rows.append(row)
+    return rows
+
+
+def load(spec: str, rows: dict[tuple[str, float], dict] | None = None) -> dict[tuple[str, float], dict]:
+    """Rows of ``spec`` (see :func:`read_rows`) merged by configuration and ratio into ``rows``."""
+    rows = {} if rows is None else rows
+    for row in read_rows(spec):
+        merged = rows.setdefault((row["config"], row["ratio"]), {})
+        merged.update({k: v for k, v in row.items() if v is not None})
     return rows
 
 
@@ -84,6 +94,8 @@ def table(rows: dict, ratio: float, default: str) -> str:
     for (name, _), r in ([(("dense", 0.0), dense)] if dense else []) + chosen:
         zs = r.get("zeroshot", {})
         label = f"**{name}** (default)" if name == default else name
+        if r.get("same_plan_as"):
+            label += f" = {r['same_plan_as']} (same plan)"
         cells = [label, str(r.get("layers", "-")), fmt(r.get("prune_seconds"), 2)]
         cells += [fmt(r.get(k)) for k in PPL]
         cells += [pct(r, "zs/mean"), pct(r, "zs/mean_without_boolq")]
@@ -95,10 +107,7 @@ def table(rows: dict, ratio: float, default: str) -> str:
 def fullsets_table(spec: str) -> str:
     """Zero-shot rows measured on the full task sets (every document), one per configuration and
     ratio, with the number of documents checked."""
-    rows = []
-    for file in files_of(spec):
-        rows += [json.loads(line) for line in file.read_text().splitlines()]
-    rows = [r for r in rows if r.get("zeroshot")]
+    rows = [r for part in spec.split(";") for r in read_rows(part) if r.get("zeroshot")]
     lines = ["| method | ratio | layers | 7-task avg | avg w/o BoolQ | WikiText-2 @2048 | PTB @2048 | "
              + " | ".join(TASKS) + " |", "|" + "---|" * (7 + len(TASKS))]
     for r in sorted(rows, key=lambda r: (r["ratio"], -(r.get("zs/mean") or 0))):
@@ -173,12 +182,23 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--rank", action="append", default=[],
                         help="comma list of model labels for one validation ranking (repeatable; default: all)")
-    parser.add_argument("--fullsets", default=None, help="file or glob of zero-shot rows on the full task sets")
+    parser.add_argument("--same-plan", action="append", default=[], metavar="LABEL:CONFIG@RATIO=OTHER",
+                        help="CONFIG builds the same model as OTHER there (checked apart): show OTHER's figures")
+    parser.add_argument("--fullsets", default=None,
+                        help="zero-shot rows on the full task sets: sources as --model's PATH, ';'-separated")
     args = parser.parse_args()
     models = {}
     for spec in args.model:  # a label given twice merges its sources, later ones winning
         label, _, path = spec.partition("=")
         models[label] = load(path, models.get(label))
+    for spec in args.same_plan:
+        label, _, rest = spec.partition(":")
+        target, _, other = rest.partition("=")
+        config, _, ratio = target.partition("@")
+        source = models.get(label, {}).get((other, float(ratio)))
+        if source is None:
+            parser.error(f"--same-plan {spec}: no row {other} at {ratio} for {label}")
+        models[label][(config, float(ratio))] = {**source, "config": config, "same_plan_as": other}
     for labels in args.rank:
         unknown = [name for name in labels.split(",") if name not in models]
         if unknown:
