@@ -198,7 +198,9 @@ def main() -> None:
         source = models.get(label, {}).get((other, float(ratio)))
         if source is None:
             parser.error(f"--same-plan {spec}: no row {other} at {ratio} for {label}")
-        models[label][(config, float(ratio))] = {**source, "config": config, "same_plan_as": other}
+        # the figures are the model's; the pruning time was OTHER's, not this configuration's
+        models[label][(config, float(ratio))] = {**{k: v for k, v in source.items() if k != "prune_seconds"},
+                                                 "config": config, "same_plan_as": other}
     for labels in args.rank:
         unknown = [name for name in labels.split(",") if name not in models]
         if unknown:
