@@ -108,7 +108,7 @@ def _greedy(model: torch.nn.Module, prompt: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2-full", "gemma", "opt", "gpt2", "gpt_neox", "mistral-wide",
-                                  "gemma3-wide"])
+                                  "qwen3-wide", "gemma2-wide", "gemma3-wide", "phi3-wide"])
 def test_graph_decode_matches_greedy_generate(name):
     """The decode step graph mode captures (4-D mask, static cache, in-place counters) gives
     generate's greedy tokens, dense and pruned; ``-wide``: sliding layers whose window holds the
@@ -121,7 +121,7 @@ def test_graph_decode_matches_greedy_generate(name):
         assert torch.equal(tokens, _greedy(model, prompt))
 
 
-@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma3", "phi3"])
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
 def test_graph_mode_refuses_short_sliding_windows(name):
     model = build_tiny_model(name)
     prompt = torch.randint(3, model.config.vocab_size, (2, PROMPT))
