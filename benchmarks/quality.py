@@ -51,7 +51,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "slm/greedy+refine": ("slm", {"selection": "greedy", "refine": 3}),
     "slm/greedy+refine-r2": ("slm", {"selection": "greedy", "refine": 3, "refine_radius": 2}),
     "slm/portfolio": ("slm", {"selection": "portfolio"}),
-    "slm/pick-cosine": ("slm", {"pick": "criterion"}),  # the default until session 3 (portfolio picked by cosine)
+    "slm/pick-kl": ("slm", {"pick": "kl"}),  # candidates compared by next-token KL (portfolio_heldout.md)
     "slm/portfolio+refine": ("slm", {"selection": "portfolio", "refine": 3}),
     "slm/greedy-loss+base": ("slm", {"selection": "greedy", "criterion": "loss"}),
     "slm/portfolio-loss+refine": ("slm", {"selection": "portfolio", "criterion": "loss", "refine": 3}),

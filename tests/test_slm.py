@@ -231,10 +231,10 @@ def test_portfolio_keeps_the_best_scoring_candidate(pick):
     assert result.plan.num_layers_after == 7
 
 
-def test_portfolio_picks_by_kl_by_default():
+def test_portfolio_picks_by_the_criterion_by_default():
     from layerfold.methods.base import make_method
 
-    assert make_method("slm", {}).pick == "kl"
+    assert make_method("slm", {}).pick == "criterion"
     with pytest.raises(Exception, match="pick"):
         make_method("slm", {"pick": "cosine"})
 
