@@ -326,10 +326,6 @@ def main() -> None:
         raise
 
 
-if __name__ == "__main__":
-    main()
-
-
 def print_split(console, dw: dict) -> None:
     """The depth/width split a combined prune took, and every candidate split's held-out loss."""
     console.print(f"split {dw['split']} (share of removed parameters taken by depth): removed "
@@ -337,3 +333,7 @@ def print_split(console, dw: dict) -> None:
     for cand in dw["candidates"]:
         loss = f"{cand['heldout_nll']:.4f}" if cand["heldout_nll"] is not None else cand["error"]
         console.print(f"  split {cand['split']}: layers {cand['layers']}, held-out calibration NLL {loss}")
+
+
+if __name__ == "__main__":
+    main()
