@@ -38,28 +38,24 @@ def nll_sum(cache: LayerCache, hidden: torch.Tensor, targets: torch.Tensor) -> t
     The model's own final norm and lm head are applied (and its final logit soft-capping, where
     the config has one), so the figure is the model's calibration loss."""
     norm = cache.arch.final_norm_module(cache.model)
-    head = output_head(cache)
-    softcap = getattr(cache.model.config, "final_logit_softcapping", None)
     states = norm(hidden)[:, :-1].reshape(-1, hidden.shape[-1])
     labels = targets[:, 1:].reshape(-1).to(states.device)
     total = states.new_zeros((), dtype=torch.float32)
     for start in range(0, states.shape[0], _LOGIT_ROWS):
-        logits = head(states[start:start + _LOGIT_ROWS]).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
+        logits = _logits(cache, states[start:start + _LOGIT_ROWS])
         chunk = labels[start:start + _LOGIT_ROWS].to(logits.device)  # the head may sit on another GPU
         total = total + nn.functional.cross_entropy(logits, chunk, reduction="sum").to(total.device)
     return total, labels.numel()
 
 
-def _log_probs(cache: LayerCache, states: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probabilities from final-normed states ([N, H]), with the model's own lm head
-    and final logit soft-capping."""
+def _logits(cache: LayerCache, states: torch.Tensor) -> torch.Tensor:
+    """Float logits from final-normed states ([N, H]): the model's own lm head and final logit
+    soft-capping, where the config has one."""
     logits = output_head(cache)(states).float()
     softcap = getattr(cache.model.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    return torch.log_softmax(logits, dim=-1)
+    return logits
 
 
 @torch.no_grad()
@@ -75,8 +71,8 @@ def output_kl(cache: LayerCache, outputs: Hidden) -> float:
         ref_states = norm(ref.to(cache.device)).reshape(-1, width)
         out_states = norm(out.to(cache.device)).reshape(-1, width)
         for start in range(0, ref_states.shape[0], _LOGIT_ROWS):
-            p = _log_probs(cache, ref_states[start:start + _LOGIT_ROWS])
-            q = _log_probs(cache, out_states[start:start + _LOGIT_ROWS]).to(p.device)
+            p = torch.log_softmax(_logits(cache, ref_states[start:start + _LOGIT_ROWS]), dim=-1)
+            q = torch.log_softmax(_logits(cache, out_states[start:start + _LOGIT_ROWS]), dim=-1).to(p.device)
             total += float((p.exp() * (p - q)).sum())
         count += ref_states.shape[0]
     return total / count

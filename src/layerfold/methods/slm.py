@@ -256,11 +256,7 @@ class SlmEngine:
         below it being the same) passes them as ``hidden``."""
         key = ("removal", frozenset(removed))
         if key not in self.memo:
-            if start is None:
-                start = min(removed, default=self.num_layers)
-            kept = [i for i in range(start, self.num_layers) if i not in removed]
-            outs = self.cache.run(start, [(self.cache.layers[i], i) for i in kept], hidden=hidden,
-                                  final_norm=self.criterion == "output-cosine")
+            outs = self._run_without(removed, start, hidden, final_norm=self.criterion == "output-cosine")
             self.memo[key] = self.score_output(outs)
             self.evaluated += 1
         return self.memo[key]
@@ -270,12 +266,18 @@ class SlmEngine:
         the model without the layers in ``removed`` (lower is better)."""
         key = ("removal-kl", frozenset(removed))
         if key not in self.memo:
-            start = min(removed, default=self.num_layers)
-            kept = [i for i in range(start, self.num_layers) if i not in removed]
-            outs = self.cache.run(start, [(self.cache.layers[i], i) for i in kept])
-            self.memo[key] = output_kl(self.cache, outs)
+            self.memo[key] = output_kl(self.cache, self._run_without(removed))
             self.evaluated += 1
         return self.memo[key]
+
+    def _run_without(self, removed: set[int] | frozenset[int], start: int | None = None,
+                     hidden: list[torch.Tensor] | None = None, final_norm: bool = False) -> list[torch.Tensor]:
+        """Last outputs of the model without the layers in ``removed``, run from position
+        ``start`` (default: the first removed layer) on the original activations or ``hidden``."""
+        if start is None:
+            start = min(removed, default=self.num_layers)
+        kept = [i for i in range(start, self.num_layers) if i not in removed]
+        return self.cache.run(start, [(self.cache.layers[i], i) for i in kept], hidden=hidden, final_norm=final_norm)
 
     def _kept_inputs(self, kept: list[int]) -> dict[int, list[torch.Tensor]]:
         """Input of every kept layer in the model that keeps only ``kept`` (key L: its output)."""
