@@ -21,6 +21,7 @@ quality.png into ``--out``.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 from pathlib import Path
@@ -36,9 +37,7 @@ def files_of(spec: str) -> list[Path]:
     """A folder's ``*.jsonl``, one file, or the files a glob pattern matches (sorted)."""
     path = Path(spec)
     if any(c in spec for c in "*?["):
-        anchor = Path(spec.split("*")[0].split("?")[0].split("[")[0])
-        root = anchor if spec.endswith("/") or anchor.is_dir() else anchor.parent
-        files = sorted(root.glob(str(Path(spec).relative_to(root))))
+        files = sorted(Path(f) for f in glob.glob(spec))
     else:
         files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
     if not files:
