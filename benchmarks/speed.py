@@ -2,13 +2,21 @@
 
     python benchmarks/speed.py inference --shape 7b --remove 11 --out inference-7b.json
     python benchmarks/speed.py inference --shape 7b --remove 6,11 --modes graph --out graph-7b.json
+    python benchmarks/speed.py inference --shape 7b --remove 6,11 --modes graph,graph-compiled --budget-s 420 \
+        --out graph-compiled-7b.json
     python benchmarks/speed.py pruning --shape 7b --out pruning-7b.json
     python benchmarks/speed.py markdown inference-7b.json pruning-7b.json
 
 ``inference``: layerfold's speed bench (``layerfold.bench.speed``) on the dense model and one
 copy per ``--remove`` count (e.g. ``6,11``: 20% and 35% of 32 layers), pruned in memory by
-``layerfold.surgery.apply_plan``.  ``--modes``: any of ``eager``, ``static`` (generate, compiled)
-and ``graph`` (a static cache and one decode step replayed as a CUDA graph, no generate).
+``layerfold.surgery.apply_plan``.  ``--modes``: any of ``eager``, ``static`` (generate, compiled),
+``graph`` (a static cache and one decode step replayed as a CUDA graph, no generate) and
+``graph-compiled`` (the same step compiled by torch.compile/inductor first, then captured, so that
+the graph replays fused kernels; ``--compile-mode`` picks inductor's mode).  Each batch size is one
+``measure_models`` call; ``--budget-s`` starts no further batch size once the time spent plus the
+last batch size's time would pass the budget (compilation dominates graph-compiled: one compile
+per model and batch size).  The markdown puts the modes side by side (decode ms/token, x floor,
+share of the ideal L/L') when a file holds several.
 
 ``pruning``: what planning costs.  layerfold's SLM engine (``api.make_plan``) at one
 threshold and as a target-size search, against the authors' naive loop
@@ -31,7 +39,16 @@ from pathlib import Path
 
 import torch
 
-from layerfold.bench.speed import GIB, SpeedConfig, floor_note, machine_info, measure_models, results_table
+from layerfold.bench.speed import (
+    COMPILE_MODES,
+    GIB,
+    MODES,
+    SpeedConfig,
+    floor_note,
+    machine_info,
+    measure_models,
+    results_table,
+)
 from layerfold.plan import Operation, Plan
 from layerfold.surgery import apply_plan
 
@@ -139,7 +156,9 @@ def run_inference(args) -> dict:
     JSON rewritten after each, so that a run cut short keeps what it measured."""
     n = SHAPES[args.shape]["num_hidden_layers"]
     removes = remove_counts(args.remove, n)
-    SpeedConfig(modes=tuple(args.modes.split(",")))  # an unknown mode fails before the model is built
+    modes = tuple(args.modes.split(","))
+    SpeedConfig(modes=modes, compile=not args.no_compile, compile_mode=args.compile_mode)  # fails before the build
+    started = time.perf_counter()
     log(f"building {args.shape} ({args.dtype}) on {args.device}")
     dense = build_random(args.shape, DTYPES[args.dtype], args.device)
     models = {f"dense-{n}": dense}
@@ -147,11 +166,24 @@ def run_inference(args) -> dict:
         models[f"pruned-{n - remove}"] = apply_plan(copy.deepcopy(dense), drop_plan(n, remove))
         free()
     results: dict = {}
+    skipped: list[int] = []
+    last_s = 0.0
     for batch in (int(b) for b in args.batch_sizes.split(",")):
+        spent = time.perf_counter() - started
+        if results and args.budget_s is not None and spent + last_s > args.budget_s:
+            log(f"batch {batch} skipped: {spent:.0f} s spent + {last_s:.0f} s for the last batch size "
+                f"> --budget-s {args.budget_s:.0f}")
+            skipped.append(batch)
+            results["skipped_batch_sizes"] = skipped
+            save(results, args.out)
+            continue
         config = SpeedConfig(batch_sizes=(batch,), new_tokens=args.new_tokens, prompt_len=args.prompt_len,
-                             repeats=args.repeats, compile=not args.no_compile, modes=tuple(args.modes.split(",")),
-                             warmup_tokens=args.warmup_tokens)
+                             repeats=args.repeats, compile=not args.no_compile, modes=modes,
+                             warmup_tokens=args.warmup_tokens, compile_mode=args.compile_mode)
+        start = time.perf_counter()
         part = measure_models(models, config, log=log)
+        last_s = time.perf_counter() - start
+        log(f"batch {batch}: {last_s:.0f} s, {time.perf_counter() - started:.0f} s in all")
         if results:
             results["results"].extend(part["results"])
             results["config"]["batch_sizes"].append(batch)
@@ -165,6 +197,8 @@ def run_inference(args) -> dict:
 
     Console(width=250).print(results_table(results))
     print(floor_note(results))
+    if len({r["mode"] for r in results["results"]}) > 1:
+        print(modes_markdown(results))
     return results
 
 
@@ -401,6 +435,32 @@ def inference_markdown(res: dict) -> str:
             f"{_gib(r['peak_memory_bytes'])} | {r['speedup_decode']:.2f} | {r['speedup_prefill']:.2f} | "
             f"{r['speedup_total']:.2f} | {r['ideal_layers']:.2f} | {'-' if share is None else f'{share:.2f}'} | "
             f"{r['warmup_s']:.1f} |")
+    if res.get("skipped_batch_sizes"):
+        lines += ["", f"Not run (--budget-s): batch sizes {', '.join(map(str, res['skipped_batch_sizes']))}."]
+    side = modes_markdown(res)
+    return "\n".join(lines + (["", side] if side else []))
+
+
+def modes_markdown(res: dict) -> str:
+    """The modes side by side: decode ms/token, x the weight floor and share of the ideal L/L'
+    per batch size and model ("" when the results hold one mode)."""
+    modes = list(dict.fromkeys(r["mode"] for r in res["results"]))
+    if len(modes) < 2:
+        return ""
+    cells = {(r["batch"], r["model"], r["mode"]): r for r in res["results"]}
+    keys = list(dict.fromkeys((r["batch"], r["model"], r["layers"]) for r in res["results"]))
+    head = "| batch | model | layers | " + " | ".join(
+        f"{m} ms/tok | {m} x floor | {m} share of ideal" for m in modes) + " |"
+    lines = ["Modes side by side (decode of one token; x floor: over the weight floor; share of ideal: "
+             "speed-up over dense / L/L').", "", head, "|---:|---|---:|" + "---:|---:|---:|" * len(modes)]
+    for batch, model, layers in keys:
+        parts = []
+        for m in modes:
+            r = cells.get((batch, model, m))
+            share = None if r is None else r.get("decode_share_of_ideal")
+            parts += ["-", "-", "-"] if r is None else [
+                f"{r['decode_ms_per_token']:.2f}", f"{r['x_floor']:.2f}", "-" if share is None else f"{share:.2f}"]
+        lines.append(f"| {batch} | {model} | {layers} | " + " | ".join(parts) + " |")
     return "\n".join(lines)
 
 
@@ -462,8 +522,14 @@ def main() -> None:
     inf.add_argument("--new-tokens", type=int, default=128)
     inf.add_argument("--prompt-len", type=int, default=128)
     inf.add_argument("--repeats", type=int, default=3)
-    inf.add_argument("--modes", default="eager,static", help="comma-separated: eager, static, graph")
-    inf.add_argument("--no-compile", action="store_true")
+    inf.add_argument("--modes", default="eager,static", help=f"comma-separated: {', '.join(MODES)}")
+    inf.add_argument("--no-compile", action="store_true",
+                     help="static: generate runs eagerly; graph-compiled is refused (graph never compiles)")
+    inf.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                     help="inductor mode of graph-compiled (max-autotune-no-cudagraphs: autotuned matmuls, "
+                          "minutes more compilation)")
+    inf.add_argument("--budget-s", type=float, default=None,
+                     help="start no further batch size once seconds spent + the last batch size's seconds pass this")
     inf.add_argument("--warmup-tokens", type=int, default=8,
                      help="length of the untimed call before each model's timed calls (per batch size)")
     pr = sub.choices["pruning"]

@@ -1,11 +1,17 @@
 """`layerfold bench` on CPU: a tiny random Llama against a pruned copy (structure only, no timings),
 and graph mode's decode (the step a CUDA graph captures on a GPU, run eagerly here) against
-greedy ``generate``."""
+greedy ``generate``; graph-compiled's step compiled by torch.compile (backend aot_eager here: the
+same dynamo graph and in-place state, without inductor's minutes of C++ builds on a small CPU;
+``LAYERFOLD_TEST_INDUCTOR=1`` runs inductor too)."""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +19,11 @@ from conftest import _config, build_tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
+from layerfold.bench import speed
 from layerfold.bench.speed import SpeedConfig, _where, graph_decode, measure_models
 from layerfold.cli import app
 from layerfold.commands import register_all
+from layerfold.commands.bench import _modes
 from layerfold.errors import LayerfoldError
 from layerfold.plan import Operation, Plan
 from layerfold.surgery import apply_plan
@@ -151,6 +159,81 @@ def test_measure_models_graph_rows_like_other_modes():
 def test_graph_mode_rejects_unknown_modes():
     with pytest.raises(LayerfoldError, match="unknown mode"):
         SpeedConfig(modes=("graphs",))
+    with pytest.raises(LayerfoldError, match="graph-compiled compiles"):
+        SpeedConfig(modes=("graph-compiled",), compile=False)
+    with pytest.raises(LayerfoldError, match="unknown compile mode"):
+        SpeedConfig(modes=("graph-compiled",), compile_mode="reduce-overhead")  # its CUDA graphs would nest
+
+
+def test_cli_graph_flag_follows_compile():
+    assert _modes(eager=True, static=True, graph=True, compile=True) == ("eager", "static", "graph-compiled")
+    assert _modes(eager=False, static=False, graph=True, compile=False) == ("graph",)
+    assert _modes(eager=True, static=False, graph=False, compile=True) == ("eager",)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    config = SpeedConfig(modes=("graph", "graph-compiled"))
+    assert [config.mode_label(m, cuda) for m in config.modes] == ["graph", "graph-compiled"]
+    assert [config.mode_label(m, cpu) for m in config.modes] == ["graph(eager)", "graph-compiled(uncaptured)"]
+    assert SpeedConfig(modes=("graph",), compile=False).mode_label("graph", cuda) == "graph"  # captured either way
+
+
+_DYNAMO = pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile unsupported here")
+
+
+@_DYNAMO
+def test_graph_compiled_decode_matches_greedy_generate():
+    """The compiled step (one dynamo graph, cache and counters mutated in place, no recompile
+    from step to step: every call after the first runs under fail_on_recompile) gives generate's
+    greedy tokens.  Mistral (Llama's layer) with a window that holds the sequence: its sliding
+    layers' Python-side length must be pinned, or every step recompiles.  (All 11 architectures,
+    dense and pruned, pass this way; 1-2 s each, so one here.)"""
+    model = _tiny("mistral-wide")
+    prompt = torch.randint(3, model.config.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(1))
+    config = SpeedConfig(batch_sizes=(2,), new_tokens=NEW, prompt_len=PROMPT)
+    runner = speed._GraphRunner(model, config, torch.device("cpu"), capture=False, compiled=True,
+                                backend="aot_eager")
+    with torch.no_grad():
+        for _ in range(2):  # the second call reuses the compiled step
+            runner.generate(prompt, NEW)
+            assert torch.equal(runner.tokens, _greedy(model, prompt))
+    assert runner.fullgraph is True
+
+
+@_DYNAMO
+@pytest.mark.skipif(os.environ.get("LAYERFOLD_TEST_INDUCTOR") != "1",
+                    reason="inductor builds C++ for 10-20 s per model on a 2-core CPU; set LAYERFOLD_TEST_INDUCTOR=1")
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")),
+                    reason="inductor on the CPU needs a C++ compiler")
+@pytest.mark.parametrize("name", ["llama", "gemma2-wide"])
+def test_graph_compiled_inductor_matches_greedy_generate(name):
+    dense = _tiny(name)
+    prompt = torch.randint(3, dense.config.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(1))
+    for model in (dense, _pruned(dense)):
+        assert torch.equal(graph_decode(model, prompt, NEW, compiled=True, backend="inductor"), _greedy(model, prompt))
+
+
+@_DYNAMO
+def test_measure_models_graph_compiled_rows(monkeypatch):
+    """Rows and labels of graph-compiled beside graph, and the benchmark's markdown of both
+    (backend eager: dynamo's graph run as is, the cheapest compile)."""
+    monkeypatch.setattr(speed, "GRAPH_COMPILE_BACKEND", "eager")
+    dense = build_tiny_model("llama")
+    models = {"dense": dense, "pruned": _pruned(dense)}
+    config = SpeedConfig(batch_sizes=(2,), new_tokens=4, prompt_len=PROMPT, repeats=1,
+                         modes=("graph", "graph-compiled"), warmup_tokens=2)
+    results = measure_models(models, config)
+    assert results["config"]["modes"] == ["graph(eager)", "graph-compiled(uncaptured)"]
+    assert results["config"]["compile_mode"] == "default"
+    rows = {(r["mode"], r["model"]): r for r in results["results"]}
+    assert set(rows) == {(m, n) for m in ("graph(eager)", "graph-compiled(uncaptured)") for n in models}
+    for (_mode, name), row in rows.items():
+        assert row["x_floor"] > 0 and row["decode_s"] > 0
+        assert (row["decode_share_of_ideal"] is None) == (name == "dense")
+    spec = importlib.util.spec_from_file_location("speed_bench", Path(__file__).parents[1] / "benchmarks" / "speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    text = bench.inference_markdown({**results, "shape": {"name": "tiny", "dtype": "float32"}})
+    assert "| graph-compiled(uncaptured) | 2 | pruned |" in text
+    assert "graph(eager) x floor | graph(eager) share of ideal | graph-compiled(uncaptured) ms/tok" in text
 
 
 def test_capture_failure_names_the_op():
@@ -173,7 +256,8 @@ def test_bench_cli_graph_mode(folders, cli):
     out = folders / "graph.json"
     result = cli.invoke(app, ["bench", str(folders / "dense"), "--vs", str(folders / "pruned"), "--device", "cpu",
                               "--dtype", "float32", "--batch-sizes", "2", "--new-tokens", "3", "--prompt-len", "5",
-                              "--repeats", "1", "--no-eager", "--no-static", "--graph", "--out", str(out)])
+                              "--repeats", "1", "--no-eager", "--no-static", "--graph", "--no-compile",
+                              "--out", str(out)])
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())["results"]
     assert {(r["mode"], r["model"]) for r in rows} == {("graph(eager)", "dense"), ("graph(eager)", "pruned")}

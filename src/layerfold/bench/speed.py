@@ -1,7 +1,7 @@
 """Inference speed of a dense model and its pruned versions, measured in one process.
 
 Every model generates greedily from the same random prompt (speed does not depend on token
-values), in one of three modes:
+values), in one of four modes:
 
 - ``eager``: ``transformers``' ``generate`` with the default dynamic KV cache, no compilation
   (what a plain ``generate`` does);
@@ -12,10 +12,17 @@ values), in one of three modes:
   static KV cache, then one decode step (the forward of one token per sequence, greedy argmax,
   every position counter advanced in place) is captured once as a CUDA graph and replayed
   ``new_tokens - 1`` times with no host synchronisation in between, so the per-token Python loop
-  and host round trips of ``generate`` vanish.  Only on CUDA is the step captured; on the CPU,
-  and with ``--no-compile``, the same step runs eagerly in a Python loop (label
-  ``graph(eager)``).  Sliding-window layers whose window is shorter than prompt + new tokens are
-  refused (the step passes one full causal mask to every layer).
+  and host round trips of ``generate`` vanish.  The replayed kernels are eager PyTorch ones.
+  Only on CUDA is the step captured; on the CPU the same step runs eagerly in a Python loop
+  (label ``graph(eager)``).  Sliding-window layers whose window is shorter than prompt + new
+  tokens are refused (the step passes one full causal mask to every layer).
+- ``graph-compiled``: ``graph`` with the decode step first compiled by ``torch.compile``
+  (inductor, without inductor's own CUDA graphs, static shapes, one graph where dynamo can
+  trace it whole), warmed up, then captured in the same CUDA graph: replay runs inductor's fused
+  kernels (RMSNorm, rotary, SiLU*mul as single kernels) with no host work.  On the CPU the
+  compiled step runs in a Python loop (label ``graph-compiled(uncaptured)``).  It needs
+  ``compile`` (``--compile``, the default); ``compile_mode`` picks inductor's mode (``default``
+  or ``max-autotune-no-cudagraphs``, which autotunes matmuls and compiles for much longer).
 
 One call gives the whole latency (``total``) and the prefill (time to first token) and the
 decode of the other ``new_tokens - 1`` tokens apart: in the ``generate`` modes a
@@ -46,15 +53,19 @@ from layerfold.errors import LayerfoldError
 from layerfold.models.arch import architecture_for
 
 HBM_BYTES_PER_S = 4.8e12  # NVIDIA H200 datasheet
-MODES = ("eager", "static", "graph")
+MODES = ("eager", "static", "graph", "graph-compiled")
 DEFAULT_MODES = ("eager", "static")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # graph-compiled: inductor, never its own CUDA graphs
+GRAPH_COMPILE_BACKEND = "inductor"  # graph-compiled's torch.compile backend (tests use aot_eager: no C++ build)
 GIB = 1024**3
 
 
 @dataclass(frozen=True)
 class SpeedConfig:
     """What to measure. ``warmup_tokens``: length of the untimed call that precedes each
-    model's timed calls at each batch size (it triggers compilation and graph capture)."""
+    model's timed calls at each batch size (it triggers compilation and graph capture).
+    ``compile``: ``static`` compiles generate's decoding forward (else runs it eagerly);
+    ``graph-compiled`` requires it.  ``compile_mode``: inductor's mode for ``graph-compiled``."""
 
     batch_sizes: tuple[int, ...] = (1, 16, 64)
     new_tokens: int = 128
@@ -65,6 +76,7 @@ class SpeedConfig:
     warmup_tokens: int = 8
     seed: int = 0
     bandwidth: float = HBM_BYTES_PER_S
+    compile_mode: str = "default"
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -78,14 +90,21 @@ class SpeedConfig:
         unknown = set(self.modes) - set(MODES)
         if unknown or not self.modes:
             raise LayerfoldError(f"unknown mode(s) {sorted(unknown)}: choose among {', '.join(MODES)}")
+        if "graph-compiled" in self.modes and not self.compile:
+            raise LayerfoldError("mode graph-compiled compiles the decode step: drop --no-compile, "
+                                 "or use mode graph (the uncompiled step)")
+        if self.compile_mode not in COMPILE_MODES:
+            raise LayerfoldError(f"unknown compile mode '{self.compile_mode}': choose among {', '.join(COMPILE_MODES)}")
 
     def mode_label(self, mode: str, device: torch.device | None = None) -> str:
-        """The mode as results name it; ``graph`` is ``graph(eager)`` where no CUDA graph is
-        captured (``device`` not CUDA, or ``--no-compile``)."""
+        """The mode as results name it; where no CUDA graph is captured (``device`` not CUDA)
+        ``graph`` is ``graph(eager)`` and ``graph-compiled`` is ``graph-compiled(uncaptured)``."""
         if mode == "eager":
             return "eager"
         if mode == "graph":
-            return "graph" if _captures(self, device) else "graph(eager)"
+            return "graph" if _captures(device) else "graph(eager)"
+        if mode == "graph-compiled":
+            return "graph-compiled" if _captures(device) else "graph-compiled(uncaptured)"
         return "static+compile" if self.compile else "static"
 
     def describe(self, device: torch.device | None = None) -> dict:
@@ -94,9 +113,10 @@ class SpeedConfig:
         return out
 
 
-def _captures(config: SpeedConfig, device: torch.device | None) -> bool:
-    """Whether graph mode captures its decode step as a CUDA graph (else it runs it eagerly)."""
-    return config.compile and device is not None and device.type == "cuda"
+def _captures(device: torch.device | None) -> bool:
+    """Whether the graph modes capture their decode step as a CUDA graph (else they call it in a
+    Python loop): on CUDA only."""
+    return device is not None and device.type == "cuda"
 
 
 @dataclass
@@ -287,6 +307,16 @@ def _raise_recompile_limits() -> None:
 # (cumulative_length) agree: both are P after the prefill and advance by one per step.
 # transformers 5.17 and 5.24 both take no cache_position argument (the cache keeps its own
 # length); it is passed only to a forward that declares it.
+#
+# graph-compiled: torch.compile traces the same _step (a bound method: the runner's buffers, the
+# cache's tensors and the weights are graph inputs, the same objects on every call, so the
+# captured graph keeps its addresses).  Dynamo guards on Python values it reads, so one must not
+# change from step to step: StaticSlidingWindowLayer.update reads and increments a Python int,
+# cumulative_length_int, only to choose its branch (its write index is the device tensor); it is
+# pinned to the prompt length before each compiled call, which keeps the index_copy_ branch (the
+# window holds the whole sequence, see _check_cache) and one compiled entry.  After the first
+# call every call runs under set_stance("fail_on_recompile"), so a guard that fails per step
+# is an error, not a silent recompile (or a compile inside the capture).
 
 
 def _mask_buffer(batch: int, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -313,19 +343,30 @@ def _where(exc: BaseException) -> str:
 class _GraphRunner:
     """Graph mode for one model at one batch size: a static cache and static buffers that live
     as long as the runner, one prefill per call, then ``new_tokens - 1`` decode steps, replayed
-    from one CUDA graph when ``capture`` (captured in the first call) and run eagerly otherwise.
+    from one CUDA graph when ``capture`` (captured in the first call) and called in a Python loop
+    otherwise.  ``compiled``: the step is ``torch.compile``d (``backend``, static shapes, without
+    inductor's CUDA graphs) on its first call, before any capture.
 
-    ``tokens``: the last call's generated tokens, (batch, new_tokens), on the model's device."""
+    ``tokens``: the last call's generated tokens, (batch, new_tokens), on the model's device.
+    ``fullgraph``: with ``compiled``, whether dynamo traced the step as one graph (else it broke
+    it in pieces: still captured as one CUDA graph, with host code between the pieces)."""
 
-    WARMUP_STEPS = 3  # eager steps on a side stream before capture, as PyTorch's CUDA-graph notes advise
+    WARMUP_STEPS = 3  # steps on a side stream before capture, as PyTorch's CUDA-graph notes advise
 
-    def __init__(self, model: nn.Module, config: SpeedConfig, device: torch.device, capture: bool) -> None:
+    def __init__(self, model: nn.Module, config: SpeedConfig, device: torch.device, capture: bool,
+                 compiled: bool = False, backend: str = "inductor") -> None:
         from transformers import StaticCache
 
         self.model, self.config, self.device, self.capture = model, config, device, capture
+        self.compiled, self.backend = compiled, backend
+        self.step_fn: Callable[[], None] | None = None
+        self.fullgraph: bool | None = None
         self.length = config.prompt_len + config.new_tokens
         self.cache = StaticCache(config=model.config, max_cache_len=self.length)
         _check_cache(model, self.cache, self.length)
+        self.pinned = [layer for layer in self.cache.layers if hasattr(layer, "cumulative_length_int")]
+        if compiled:
+            _raise_recompile_limits()  # one entry of _step per model and batch size
         params = inspect.signature(model.forward).parameters
         self.cache_arg = _cache_argument(model)
         self.extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -386,21 +427,63 @@ class _GraphRunner:
         self.position_ids.add_(1)
         self.step_index.add_(1)
 
+    def _compile(self, fullgraph: bool) -> Callable[[], None]:
+        kwargs: dict = {"fullgraph": fullgraph, "dynamic": False, "backend": self.backend}
+        if self.backend == "inductor":
+            if self.config.compile_mode == "default":
+                kwargs["options"] = {"triton.cudagraphs": False}
+            else:
+                kwargs["mode"] = self.config.compile_mode  # a no-cudagraphs mode (COMPILE_MODES)
+        return torch.compile(self._step, **kwargs)
+
+    def _first_compiled_step(self) -> None:
+        """Compile and run the step: one graph if dynamo can trace it whole (with fullgraph a graph
+        break fails at tracing, before anything runs), else with graph breaks."""
+        from torch._dynamo.exc import Unsupported
+
+        try:
+            try:
+                step, fullgraph = self._compile(fullgraph=True), True
+                step()
+            except Unsupported:
+                step, fullgraph = self._compile(fullgraph=False), False
+                step()
+        except Exception as exc:
+            raise LayerfoldError(f"graph-compiled: torch.compile ({self.backend}) of the decode step of "
+                                 f"{type(self.model).__name__} failed; {_where(exc)}") from exc
+        self.step_fn, self.fullgraph = step, fullgraph
+
+    def _run_step(self) -> None:
+        """One decode step, eager or compiled (the call a CUDA graph captures)."""
+        if not self.compiled:
+            self._step()
+            return
+        for layer in self.pinned:  # see the note above _mask_buffer
+            layer.cumulative_length_int = self.config.prompt_len
+        if self.step_fn is None:
+            self._first_compiled_step()
+            return
+        with torch.compiler.set_stance("fail_on_recompile"):
+            self.step_fn()
+
     def _capture(self, prompt: torch.Tensor) -> None:
         self._reset()
         self._prefill(prompt)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
+        what = "the torch.compiled decode step" if self.compiled else "the decode step"
         try:
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream):  # compiles (compiled), autotunes, loads kernels, sets cuBLAS up
                 for _ in range(min(self.WARMUP_STEPS, self.config.new_tokens - 1)):
-                    self._step()
+                    self._run_step()
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._step()
+                self._run_step()
+        except LayerfoldError:
+            raise
         except Exception as exc:
-            raise LayerfoldError(f"graph mode: the decode step of {type(self.model).__name__} could not be captured "
+            raise LayerfoldError(f"graph mode: {what} of {type(self.model).__name__} could not be captured "
                                  f"as a CUDA graph; {_where(exc)}") from exc
         self.graph = graph
 
@@ -426,7 +509,7 @@ class _GraphRunner:
             if self.graph is not None:
                 self.graph.replay()
             else:
-                self._step()
+                self._run_step()
         _sync(self.device)
         end = time.perf_counter()
         steps = int(self.step_index.item())
@@ -455,19 +538,23 @@ def _check_cache(model: nn.Module, cache, length: int) -> None:
 
 
 def _make_runner(model: nn.Module, mode: str, config: SpeedConfig, device: torch.device):
-    if mode == "graph":
-        return _GraphRunner(model, config, device, capture=_captures(config, device))
+    if mode in ("graph", "graph-compiled"):
+        return _GraphRunner(model, config, device, capture=_captures(device), compiled=mode == "graph-compiled",
+                            backend=GRAPH_COMPILE_BACKEND)
     return _Runner(model, mode, config, device)
 
 
 @torch.no_grad()
-def graph_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, capture: bool | None = None) -> torch.Tensor:
+def graph_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, capture: bool | None = None,
+                 compiled: bool = False, backend: str | None = None) -> torch.Tensor:
     """Greedy tokens (batch, new_tokens) of graph mode for ``prompt`` (batch, prompt_len) ids:
     the same path the benchmark times, for checking it against ``generate``.  ``capture``:
-    CUDA-graph capture (default: when the model is on CUDA)."""
+    CUDA-graph capture (default: when the model is on CUDA); ``compiled``: graph-compiled, the
+    step compiled first by ``torch.compile`` with ``backend`` (default: ``GRAPH_COMPILE_BACKEND``)."""
     device = next(model.parameters()).device
     config = SpeedConfig(batch_sizes=(prompt.shape[0],), new_tokens=new_tokens, prompt_len=prompt.shape[1])
-    runner = _GraphRunner(model, config, device, capture=device.type == "cuda" if capture is None else capture)
+    runner = _GraphRunner(model, config, device, capture=_captures(device) if capture is None else capture,
+                          compiled=compiled, backend=backend or GRAPH_COMPILE_BACKEND)
     runner.generate(prompt.to(device), new_tokens)
     return runner.tokens
 
@@ -506,7 +593,9 @@ def _measure_cell(models: dict[str, nn.Module], facts: dict[str, dict], mode: st
         runners[name].generate(prompt, min(config.warmup_tokens, config.new_tokens))
         warmup[name] = time.perf_counter() - start
         held[name] = _allocated(device) - before
-        log(f"{label} batch {batch} {name}: warm-up {warmup[name]:.1f} s")
+        breaks = " (torch.compile broke the step into several graphs)" if getattr(
+            runners[name], "fullgraph", None) is False else ""
+        log(f"{label} batch {batch} {name}: warm-up {warmup[name]:.1f} s{breaks}")
     timings: dict[str, list[Timing]] = {name: [] for name in models}
     peak: dict[str, int | None] = {name: None for name in models}
     names = list(models)
@@ -585,7 +674,7 @@ def measure_models(models: dict[str, nn.Module], config: SpeedConfig | None = No
         raise LayerfoldError("nothing to measure")
     log = log or (lambda _msg: None)
     device = _device_of(models)
-    if config.compile and "static" in config.modes:
+    if config.compile and {"static", "graph-compiled"} & set(config.modes):
         _raise_recompile_limits()
     facts = {name: model_facts(m) for name, m in models.items()}
     for m in models.values():

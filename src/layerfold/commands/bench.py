@@ -19,6 +19,12 @@ def _batch_sizes(value: str) -> tuple[int, ...]:
     return sizes
 
 
+def _modes(eager: bool, static: bool, graph: bool, compile: bool) -> tuple[str, ...]:
+    """The measured modes: ``--graph`` is mode graph-compiled with --compile, graph without."""
+    graph_mode = "graph-compiled" if compile else "graph"
+    return tuple(m for m, on in (("eager", eager), ("static", static), (graph_mode, graph)) if on)
+
+
 def _labels(first: str, second: str | None) -> tuple[str, str | None]:
     """Short names for the table: folder names, told apart if they are equal."""
     first = Path(first).name or first
@@ -41,14 +47,18 @@ def bench(
                                                     "(compiles; use --new-tokens for eager, whose allocator "
                                                     "otherwise grows in the first timed call).")] = 8,
     compile: Annotated[bool, typer.Option("--compile/--no-compile",
-                                          help="Compile the static-cache decode (torch.compile, CUDA graphs) and "
-                                               "capture graph mode's decode step as a CUDA graph.")]
+                                          help="torch.compile the decode: the static-cache generate (mode "
+                                               "reduce-overhead: inductor kernels in CUDA graphs) and, with --graph, "
+                                               "the decode step (inductor, no CUDA graphs of its own) before graph "
+                                               "mode captures it (mode graph-compiled). --no-compile: the static "
+                                               "cache runs eagerly and --graph captures the eager step (mode graph).")]
     = True,
     static: Annotated[bool, typer.Option("--static/--no-static", help="Measure the static-cache mode.")] = True,
     eager: Annotated[bool, typer.Option("--eager/--no-eager", help="Measure plain eager generate.")] = True,
     graph: Annotated[bool, typer.Option("--graph/--no-graph",
                                         help="Measure graph mode: no generate, one decode step over a static cache "
-                                             "captured as a CUDA graph and replayed (run eagerly on the CPU).")]
+                                             "captured as a CUDA graph and replayed; compiled first unless "
+                                             "--no-compile; called in a Python loop on the CPU (no capture).")]
     = False,
     bandwidth: Annotated[float, typer.Option(help="Memory bandwidth in TB/s for the decode floor (H200: 4.8).")]
     = 4.8,
@@ -62,7 +72,7 @@ def bench(
 
     from layerfold.bench.speed import SpeedConfig, floor_note, load_for_bench, measure_models, results_table
 
-    modes = tuple(m for m, on in (("eager", eager), ("static", static), ("graph", graph)) if on)
+    modes = _modes(eager, static, graph, compile)
     config = SpeedConfig(batch_sizes=_batch_sizes(batch_sizes), new_tokens=new_tokens, prompt_len=prompt_len,
                          repeats=repeats, compile=compile, modes=modes, warmup_tokens=warmup_tokens,
                          bandwidth=bandwidth * 1e12)
