@@ -52,6 +52,11 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "slm/greedy+refine-r2": ("slm", {"selection": "greedy", "refine": 3, "refine_radius": 2}),
     "slm/portfolio": ("slm", {"selection": "portfolio"}),
     "slm/pick-kl": ("slm", {"pick": "kl"}),  # candidates compared by next-token KL (portfolio_heldout.md)
+    "slm/rescale": ("slm", {"rescale": "kl"}),  # each window's kept layer scaled by a KL-chosen factor
+    "slm/rescale-cos": ("slm", {"rescale": "criterion"}),  # the factor chosen by the output cosine instead
+    "slm/pick-kl+rescale": ("slm", {"pick": "kl", "rescale": "kl"}),
+    "slm/optimal+rescale": ("slm", {"selection": "optimal", "rescale": "kl"}),
+    "slm/greedy+rescale": ("slm", {"selection": "greedy", "rescale": "kl"}),
     "slm/portfolio+refine": ("slm", {"selection": "portfolio", "refine": 3}),
     "slm/greedy-loss+base": ("slm", {"selection": "greedy", "criterion": "loss"}),
     "slm/portfolio-loss+refine": ("slm", {"selection": "portfolio", "criterion": "loss", "refine": 3}),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from layerfold.errors import LayerfoldError
-from layerfold.merge import build_fused_layer, merge_window
+from layerfold.merge import build_fused_layer, merge_window, scale_branches
 from layerfold.models.arch import architecture_for, norm_parameter_names
 from layerfold.plan import Operation, Plan
 from layerfold.surgery import apply_plan
@@ -147,3 +147,65 @@ def test_merge_errors(tiny_model):
         merge_window(window, norms="average")
     with pytest.raises(LayerfoldError, match="Did you mean 'mean'"):
         merge_window(window, operator="meen")
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "opt",
+                                  "gpt2", "gpt_neox"])
+def test_scaling_the_residual_branches(name, tiny_model):
+    """Every architecture names everything a layer adds to its residual stream: with factor 0 the
+    layer passes its input through, with 1 nothing changes, and a factor moves the output off it."""
+    model = tiny_model(name)
+    arch = architecture_for(model.config)
+    assert arch.residual_branches, f"{name} describes no residual branches"
+    layer = arch.layer_list(model)[1]
+    hidden = torch.randn(2, 5, model.config.hidden_size)
+    captured = {}
+
+    def hook(module, args, kwargs):
+        captured["args"], captured["kwargs"] = args[1:], dict(kwargs)
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        model(torch.randint(3, 100, (2, 5)))
+    handle.remove()
+
+    def run(module):
+        kwargs = {k: v for k, v in captured["kwargs"].items() if k not in ("hidden_states", "past_key_values",
+                                                                             "cache", "layer_past", "use_cache")}
+        with torch.no_grad():
+            out = module(hidden, *captured["args"], **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    import copy
+
+    original = run(layer)
+    for factor, check in ((1.0, lambda out: torch.equal(out, original)),
+                          (0.0, lambda out: torch.allclose(out, hidden, atol=1e-6)),
+                          (1.5, lambda out: not torch.allclose(out, original, atol=1e-4))):
+        scaled = copy.deepcopy(layer)
+        scale_branches(scaled, arch.residual_branches, factor)
+        assert check(run(scaled)), (name, factor)
+    assert not torch.allclose(original, hidden, atol=1e-4)  # the layer does something to start with
+
+
+def test_surgery_applies_the_branch_scale(tiny_model):
+    model = tiny_model("gemma3")
+    arch = architecture_for(model.config)
+    base = {n: p.detach().clone() for n, p in arch.layer_list(model)[2].named_parameters()}
+    plan = Plan(method="manual", num_layers=6, merge={"operator": "base", "norms": "base"},
+                operations=[Operation("fuse", 2, 3, detail={"branch_scale": 0.5})])
+    apply_plan(model, plan)
+    fused = dict(arch.layer_list(model)[2].named_parameters())
+    for pname, value in base.items():
+        if pname in ("post_attention_layernorm.weight", "post_feedforward_layernorm.weight"):
+            torch.testing.assert_close(fused[pname].detach(), 0.5 * (1 + value) - 1)
+        else:
+            assert torch.equal(fused[pname].detach(), value), pname
+
+
+def test_scale_branches_errors(tiny_model):
+    layer = _window(tiny_model("llama"), 0, 0)[0]
+    with pytest.raises(LayerfoldError, match="residual_branches"):
+        scale_branches(layer, None, 0.5)
+    with pytest.raises(LayerfoldError, match="unknown residual branch kind"):
+        scale_branches(layer, {"mlp.down_proj": "cubic"}, 0.5)

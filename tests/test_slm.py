@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -289,3 +290,38 @@ def test_engine_keeps_only_the_fused_layers_of_the_model_it_scores():
     assert set(greedy._fused) == set(result.windows)
     # the base merge needs no copy at all: the fused layer is the base layer itself
     assert engine.candidate((2, 4)) is engine.cache.layers[2]
+
+
+def test_rescale_lowers_the_calibration_kl_and_the_saved_plan_rebuilds_it():
+    """rescale=kl picks a factor per window that never raises the KL; the plan carries the factors,
+    and the model surgery builds from it has exactly the KL the engine reported."""
+    from layerfold.methods.slm import RESCALE_GRID
+
+    model, toks = tiny_llama(layers=10, seed=4), tokens()
+    plain = api.make_plan(wrap_model(copy.deepcopy(model)), "slm", Target(layers=6), tokens=toks, progress=False)
+    result = api.make_plan(wrap_model(copy.deepcopy(model)), "slm", Target(layers=6), options={"rescale": "kl"},
+                           tokens=toks, progress=False)
+    assert result.plan.windows() == plain.plan.windows()  # the windows are chosen first, then rescaled
+    info = result.plan.scores["rescale"]
+    assert info["objective"] == "kl" and info["after"] <= info["before"]
+    assert set(info["factors"].values()) <= set(RESCALE_GRID)
+    scaled = {op.lo: op.detail["branch_scale"] for op in result.plan.operations if "branch_scale" in op.detail}
+    assert scaled, "some window should take a factor other than 1 on this model"
+    assert all(v != 1.0 for v in scaled.values())
+    assert info["after"] < info["before"]
+    saved = type(result.plan).from_dict(json.loads(result.plan.to_json()))
+    pruned = api.apply_plan(wrap_model(copy.deepcopy(model)), saved)
+    with torch.no_grad():
+        p = torch.log_softmax(model(toks).logits.float(), -1)
+        q = torch.log_softmax(pruned(toks).logits.float(), -1)
+    assert float((p.exp() * (p - q)).sum(-1).mean()) == pytest.approx(info["after"], rel=1e-4)
+    by_cosine = api.make_plan(wrap_model(copy.deepcopy(model)), "slm", Target(layers=6),
+                              options={"rescale": "criterion"}, tokens=toks, progress=False).plan.scores["rescale"]
+    assert by_cosine["objective"] == "-output-cosine"
+    assert -1 <= -by_cosine["after"] <= 1 and by_cosine["after"] <= by_cosine["before"]
+
+
+def test_rescale_refuses_a_fitted_layer():
+    with pytest.raises(LayerfoldError, match="rescale"):
+        api.make_plan(wrap_model(tiny_llama()), "slm", Target(layers=5),
+                      options={"selection": "greedy", "fit": "ridge", "rescale": "kl"}, tokens=tokens(), progress=False)

@@ -86,6 +86,35 @@ def _window_states(layers: Sequence[nn.Module], norms: str) -> tuple[list[dict[s
     return states, names
 
 
+BRANCH_KINDS = ("linear", "unit-offset-norm")
+
+
+@torch.no_grad()
+def scale_branches(layer: nn.Module, branches: dict[str, str] | None, factor: float) -> None:
+    """Scale in place everything ``layer`` adds to its residual stream by ``factor``.
+
+    ``branches`` is the architecture's ``residual_branches`` (dotted module path -> kind).  With
+    factor 0 the layer passes its input through unchanged; with 1 it is untouched."""
+    from layerfold.models.arch import get_dotted
+
+    if not branches:
+        raise LayerfoldError("this architecture does not describe its residual branches "
+                             "(residual_branches), so its layers cannot be rescaled")
+    if factor == 1.0:
+        return
+    for path, kind in branches.items():
+        module = get_dotted(layer, path)
+        if kind == "linear":
+            module.weight.mul_(factor)
+            if getattr(module, "bias", None) is not None:
+                module.bias.mul_(factor)
+        elif kind == "unit-offset-norm":
+            module.weight.copy_((factor * (1 + module.weight.float()) - 1).to(module.weight.dtype))
+        else:
+            raise LayerfoldError(f"unknown residual branch kind '{kind}' for {path}: choose one of "
+                                 f"{', '.join(BRANCH_KINDS)}")
+
+
 def build_fused_layer(layers: Sequence[nn.Module], operator: str = "diff", norms: str = "base",
                       scale: float = 1.0) -> nn.Module:
     """A new layer module (a copy of the base's structure) carrying the merged weights."""

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from layerfold.errors import LayerfoldError
-from layerfold.merge import build_fused_layer
+from layerfold.merge import build_fused_layer, scale_branches
 from layerfold.models.arch import Architecture, architecture_for, get_dotted, set_dotted
 from layerfold.plan import Plan
 
@@ -27,6 +27,8 @@ def apply_plan(model: nn.Module, plan: Plan, overrides: FusedOverrides | None = 
 
     ``overrides`` maps a fuse window's base index to the full state dict of its fused layer
     (for fused layers whose weights were fitted on data rather than given by a merge operator).
+    A fuse operation whose ``detail`` has ``branch_scale`` gets its fused layer's residual
+    branches scaled by that factor (:func:`layerfold.merge.scale_branches`).
     """
     arch = architecture_for(model.config)
     layers = arch.layer_list(model)
@@ -46,6 +48,8 @@ def apply_plan(model: nn.Module, plan: Plan, overrides: FusedOverrides | None = 
             else:
                 fused = build_fused_layer(window, operator=op.detail.get("merge", merge.get("operator", "diff")),
                                           norms=merge.get("norms", "base"), scale=op.detail.get("scale", 1.0))
+            if op.detail.get("branch_scale", 1.0) != 1.0:
+                scale_branches(fused, arch.residual_branches, float(op.detail["branch_scale"]))
             new_layers.append(fused)
         else:
             new_layers.append(layers[src])

@@ -13,6 +13,7 @@ forward, compare), which the tests check.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from layerfold.calibrate import LayerCache
 from layerfold.correction import fit_output_projection
 from layerfold.errors import LayerfoldError
-from layerfold.merge import build_fused_layer
+from layerfold.merge import build_fused_layer, scale_branches
 from layerfold.methods._common import calibration_loss, lowest, output_kl
 from layerfold.methods.angular import block_distances
 from layerfold.methods.base import Method, PlanContext, PlanResult, register
@@ -32,6 +33,7 @@ from layerfold.plan import Operation
 from layerfold.similarity import sample_cosine, similarity_matrix
 
 CRITERIA = ("output-cosine", "cka-linear", "cka-rbf", "angular", "loss")
+RESCALE_GRID = (0.6, 0.8, 0.9, 1.0, 1.1, 1.2, 1.4, 1.6, 2.0)  # factors tried for each window's kept layer
 Window = tuple[int, int]
 
 
@@ -369,6 +371,65 @@ class SlmEngine:
                 i = pick[0]
         return SlmRun(windows=sorted(chosen), scores={w: 1 - costs[w] for w in chosen})
 
+    def rescale(self, windows: list[Window], grid: tuple[float, ...] = RESCALE_GRID, objective: str = "kl",
+                progress: bool = True) -> tuple[dict[Window, float], float, float]:
+        """A factor for each window's fused layer, scaling what it adds to the residual stream
+        (:func:`layerfold.merge.scale_branches`), chosen from ``grid`` on the calibration tokens by
+        ``objective``: ``"kl"``, the KL divergence of the whole pruned model's next-token
+        distributions from the original's, or ``"criterion"``, the engine's criterion on the
+        model's output (negated, so that lower is better in both).  Windows are taken bottom-up,
+        each with the factors already chosen below it; a factor other than 1 is kept only if it
+        lowers the objective, so it never rises.  Returns the factors, and the objective before
+        and after."""
+        branches = self.cache.arch.residual_branches
+        if not branches:
+            raise LayerfoldError(f"rescale is not available for {self.cache.arch.name}: its description has no "
+                                 "residual_branches")
+        windows = sorted(windows)
+        if not windows:
+            return {}, 0.0, 0.0
+        modules = {w[0]: self.module_of(w) for w in windows}
+        fused_at = {lo: hi for lo, hi in windows}
+        order, i = [], windows[0][0]
+        while i < self.num_layers:  # the pruned model's modules from the first window up
+            order.append(i)
+            i = fused_at[i] + 1 if i in fused_at else i + 1
+
+        def stack(from_index: int) -> list[tuple[torch.nn.Module, int]]:
+            return [(modules.get(j, self.cache.layers[j]), j) for j in order if j >= from_index]
+
+        def measure(from_index: int, hidden) -> float:
+            if objective == "kl":
+                return output_kl(self.cache, self.cache.run(from_index, stack(from_index), hidden=hidden))
+            outs = self.cache.run(from_index, stack(from_index), hidden=hidden,
+                                  final_norm=self.criterion == "output-cosine")
+            return -self.score_output(outs)
+
+        start = windows[0][0]
+        kl_before = current = measure(start, None)
+        factors: dict[Window, float] = {}
+        bar = tqdm(total=len(windows) * (len(grid) - (1.0 in grid)), desc="rescaling", disable=not progress,
+                   leave=False)
+        for lo, hi in windows:
+            below = [(m, j) for m, j in stack(start) if j < lo]
+            hidden = self.cache.run(start, below) if below else None
+            original, best = modules[lo], (1.0, None)
+            for factor in grid:
+                if factor == 1.0:
+                    continue
+                trial = copy.deepcopy(original)
+                scale_branches(trial, branches, factor)
+                modules[lo] = trial
+                value = measure(lo, hidden)
+                self.evaluated += 1
+                bar.update(1)
+                if value < current:
+                    current, best = value, (factor, trial)
+            factors[(lo, hi)] = best[0]
+            modules[lo] = best[1] if best[1] is not None else original
+        bar.close()
+        return factors, kl_before, current
+
     def _propagate(self, segments: list[Window], current: list, k: int) -> None:
         """Recompute the inputs of the segments above segment ``k`` in the folded model."""
         hidden = current[segments[k][0]]
@@ -450,6 +511,7 @@ class SlidingLayerMerging(Method):
     refine: int = Field(default=0, ge=0)
     refine_radius: int = Field(default=0, ge=0)
     pick: Literal["criterion", "kl"] = "criterion"
+    rescale: Literal["none", "kl", "criterion"] = "none"
 
     @model_validator(mode="after")
     def _threshold_means_sliding(self):
@@ -486,9 +548,19 @@ class SlidingLayerMerging(Method):
             windows = windows_of(removed)
             run = SlmRun(windows=windows, scores=dict.fromkeys(windows, engine.score_removal(removed)))
             extra["refine_swaps"] = [{"kept_again": r, "removed": k, "score": v} for r, k, v in history]
+        factors: dict[Window, float] = {}
+        if self.rescale != "none":
+            if self.rescale == "criterion" and self.criterion not in ("output-cosine", "loss"):
+                raise LayerfoldError("rescale=criterion scores the model's output: use criterion output-cosine or loss")
+            factors, before, after = engine.rescale(run.windows, objective=self.rescale, progress=ctx.progress)
+            extra["rescale"] = {"objective": "kl" if self.rescale == "kl" else f"-{self.criterion}",
+                                "before": before, "after": after,
+                                "factors": {f"{lo}-{hi}": f for (lo, hi), f in sorted(factors.items())}}
         ops = [Operation("fuse", lo, hi, score=run.scores.get((lo, hi)),
                          detail={k: v for k, v in (("rejected_next", run.rejected.get((lo - 1, hi))),
-                                                   ("fit", self.fit if self.fit != "none" else None)) if v is not None})
+                                                   ("fit", self.fit if self.fit != "none" else None),
+                                                   ("branch_scale", factors.get((lo, hi), 1.0)))
+                                 if v is not None and not (k == "branch_scale" and v == 1.0)})
                for lo, hi in sorted(run.windows)]
         plan = ctx.new_plan(self.name, ops, merge={"operator": self.merge, "norms": self.norms, "scale": self.scale},
                             criterion="window-cosine" if self.selection == "optimal" else self.criterion,
@@ -531,6 +603,9 @@ class SlidingLayerMerging(Method):
                                  "or --param-ratio")
         if self.selection == "portfolio" and self.criterion not in ("output-cosine", "loss"):
             raise LayerfoldError("selection=portfolio scores the model's output: use criterion output-cosine or loss")
+        if self.rescale != "none" and self.fit != "none":
+            raise LayerfoldError("rescale scales a window's merged layer; a fitted layer (fit=ridge) is not rescaled: "
+                                 "use one or the other")
         if self.threshold is not None:
             if self.selection != "sliding":
                 raise LayerfoldError(f"{self.selection} selection aims at a size; --threshold works with "

@@ -17,6 +17,11 @@ adding a description, not code.  Fields:
 - ``mlp_out``: the MLP's output projection, relative to a layer, when the layer's output is
   linear in its weight (the residual adds it directly); empty where a norm follows it
   (Gemma 2/3), which rules out the closed-form fused-layer correction.
+- ``residual_branches``: the modules whose outputs a layer adds to its residual stream, relative
+  to a layer, each with how to scale its contribution by a factor: ``"linear"`` (a projection:
+  weight and bias times the factor) or ``"unit-offset-norm"`` (a norm computing x * (1 + w),
+  Gemma 2/3's post-norms: w becomes factor * (1 + w) - 1).  Used to rescale a window's kept
+  layer (:func:`layerfold.merge.scale_branches`).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class Architecture:
     mlp_out: str = ""
     notes: str = field(default="", compare=False)
     width: dict | None = field(default=None, compare=False)  # optional, read by layerfold.width
+    residual_branches: dict | None = field(default=None, compare=False)
 
     def layer_list(self, model: nn.Module) -> nn.ModuleList:
         layers = get_dotted(model, self.layers)
