@@ -29,9 +29,11 @@ from layerfold.data.tokens import CalibrationConfig, sample_windows
 from layerfold.evaluate.perplexity import perplexity
 from layerfold.methods.base import Target
 
-# name -> (method, options); the first block are SLM variants, then the baselines
+# name -> (method, options); the first block are SLM variants, then the baselines.  Variants measured
+# before rescale=kl became the default (session 4) pin rescale=none, so their names keep their meaning.
 CONFIGS: dict[str, tuple[str, dict]] = {
-    "slm": ("slm", {}),
+    "slm": ("slm", {}),  # the default: portfolio, base merge, cosine pick, rescale=kl (from session 4)
+    "slm/no-rescale": ("slm", {"rescale": "none"}),  # the default of sessions 2-3 (rows named "slm" then)
     "slm-paper": ("slm-paper", {}),
     "slm-reference": ("slm-reference", {}),
     "slm-paper/cka-linear": ("slm-paper", {"criterion": "cka-linear"}),
@@ -40,26 +42,27 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "slm-paper/mean": ("slm-paper", {"merge": "mean"}),
     "slm-paper/base": ("slm-paper", {"merge": "base"}),
     "slm-paper/diff+fit": ("slm-paper", {"fit": "ridge"}),
-    "slm/optimal+base": ("slm", {"selection": "optimal", "merge": "base", "fit": "none"}),
+    "slm/optimal+base": ("slm", {"selection": "optimal", "merge": "base", "fit": "none", "rescale": "none"}),
     "slm/optimal+base+fit": ("slm", {"selection": "optimal", "merge": "base", "fit": "ridge"}),
     "slm/optimal+diff+fit": ("slm", {"selection": "optimal", "merge": "diff", "fit": "ridge"}),
     "slm/optimal+mean+fit": ("slm", {"selection": "optimal", "merge": "mean", "fit": "ridge"}),
-    "slm/greedy+base": ("slm", {"selection": "greedy", "merge": "base", "fit": "none"}),
+    "slm/greedy+base": ("slm", {"selection": "greedy", "merge": "base", "fit": "none", "rescale": "none"}),
     "slm/greedy+base+fit": ("slm", {"selection": "greedy", "merge": "base", "fit": "ridge"}),
     "slm/greedy+mean+fit": ("slm", {"selection": "greedy", "merge": "mean", "fit": "ridge"}),
     "slm/greedy-loss+base+fit": ("slm", {"selection": "greedy", "criterion": "loss", "merge": "base", "fit": "ridge"}),
-    "slm/greedy+refine": ("slm", {"selection": "greedy", "refine": 3}),
-    "slm/greedy+refine-r2": ("slm", {"selection": "greedy", "refine": 3, "refine_radius": 2}),
-    "slm/portfolio": ("slm", {"selection": "portfolio"}),
-    "slm/pick-kl": ("slm", {"pick": "kl"}),  # candidates compared by next-token KL (portfolio_heldout.md)
-    "slm/rescale": ("slm", {"rescale": "kl"}),  # each window's kept layer scaled by a KL-chosen factor
+    "slm/greedy+refine": ("slm", {"selection": "greedy", "refine": 3, "rescale": "none"}),
+    "slm/greedy+refine-r2": ("slm", {"selection": "greedy", "refine": 3, "refine_radius": 2, "rescale": "none"}),
+    "slm/portfolio": ("slm", {"selection": "portfolio", "rescale": "none"}),
+    # candidates compared by next-token KL (portfolio_heldout.md)
+    "slm/pick-kl": ("slm", {"pick": "kl", "rescale": "none"}),
     "slm/rescale-cos": ("slm", {"rescale": "criterion"}),  # the factor chosen by the output cosine instead
     "slm/pick-kl+rescale": ("slm", {"pick": "kl", "rescale": "kl"}),
     "slm/optimal+rescale": ("slm", {"selection": "optimal", "rescale": "kl"}),
     "slm/greedy+rescale": ("slm", {"selection": "greedy", "rescale": "kl"}),
-    "slm/portfolio+refine": ("slm", {"selection": "portfolio", "refine": 3}),
-    "slm/greedy-loss+base": ("slm", {"selection": "greedy", "criterion": "loss"}),
-    "slm/portfolio-loss+refine": ("slm", {"selection": "portfolio", "criterion": "loss", "refine": 3}),
+    "slm/portfolio+refine": ("slm", {"selection": "portfolio", "refine": 3, "rescale": "none"}),
+    "slm/greedy-loss+base": ("slm", {"selection": "greedy", "criterion": "loss", "rescale": "none"}),
+    "slm/portfolio-loss+refine": ("slm", {"selection": "portfolio", "criterion": "loss", "refine": 3,
+                                          "rescale": "none"}),
     "shortgpt": ("shortgpt", {}),
     "angular": ("angular", {}),
     "laco": ("laco", {}),
@@ -68,6 +71,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "shortened-taylor": ("shortened-taylor", {}),
     "last-n": ("last-n", {}),
 }
+
 PPL = [("wikitext2", 128), ("ptb", 128), ("lambada", 128), ("ptb-valid", 128), ("wikitext2", 2048), ("ptb", 2048)]
 
 

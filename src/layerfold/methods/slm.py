@@ -484,7 +484,8 @@ class SlidingLayerMerging(Method):
     """Sliding Layer Merging (Zhu et al. 2025, arXiv 2502.19159), with layerfold's measured defaults.
 
     Defaults (chosen on PTB-valid perplexity over SmolLM2-135M and Gemma-3-270M at 20% and 35%,
-    benchmarks/results/quality.md): each window keeps its base layer (``merge="base"``), and the
+    benchmarks/results/quality.md): each window keeps its base layer (``merge="base"``), rescaled
+    (``rescale="kl"``, below), and the
     windows are those of the best of several candidate plans (``selection="portfolio"``): the
     greedy fold (adjacent segments folded one pair at a time, each time the pair that keeps the
     final output closest in cosine to the original's), the optimal windows (dynamic programming on
@@ -493,6 +494,10 @@ class SlidingLayerMerging(Method):
     tokens (``pick="criterion"``); ``pick="kl"`` compares them by the KL divergence of the pruned
     model's next-token distributions from the original's instead (better on validation text with
     the paper's 10 calibration samples, but on Gemma-3-270M it flips to a 4x worse plan with 32).
+    After the selection, what each window's kept layer adds to the residual stream is scaled by one
+    factor per window, chosen from a grid by that KL on the calibration tokens (``rescale="kl"``;
+    ``"criterion"`` chooses it by the criterion, ``"none"`` keeps the layer as it is); the factors
+    are stored in the plan's operations (``branch_scale``).
     ``selection="greedy"`` and ``"optimal"`` run one selector; ``refine=N`` adds a swap search.
     The paper's procedure is ``slm-paper``; the authors' code, ``slm-reference``.
     """
@@ -511,11 +516,14 @@ class SlidingLayerMerging(Method):
     refine: int = Field(default=0, ge=0)
     refine_radius: int = Field(default=0, ge=0)
     pick: Literal["criterion", "kl"] = "criterion"
-    rescale: Literal["none", "kl", "criterion"] = "none"
+    rescale: Literal["none", "kl", "criterion"] = "kl"
 
     @model_validator(mode="after")
     def _threshold_means_sliding(self):
-        """A threshold is the paper's stopping rule: with one and no explicit selection, slide."""
+        """A threshold is the paper's stopping rule: with one and no explicit selection, slide.
+        A fitted fused layer (fit=ridge) is not rescaled unless rescale is asked for."""
+        if self.fit != "none" and "rescale" not in self.model_fields_set:
+            self.rescale = "none"
         if self.threshold is not None and "selection" not in self.model_fields_set:
             self.selection = "sliding"
         elif (self.selection == "portfolio" and "selection" not in self.model_fields_set
@@ -624,6 +632,7 @@ class SlmPaper(SlidingLayerMerging):
     name: ClassVar[str] = "slm-paper"
     selection: Literal["sliding", "greedy", "optimal", "portfolio"] = "sliding"
     merge: str = "diff"
+    rescale: Literal["none", "kl", "criterion"] = "none"
 
 
 @register
@@ -633,3 +642,4 @@ class SlmReference(SlidingLayerMerging):
     name: ClassVar[str] = "slm-reference"
     selection: Literal["sliding", "greedy", "optimal", "portfolio"] = "sliding"
     merge: str = "reference"
+    rescale: Literal["none", "kl", "criterion"] = "none"
