@@ -28,6 +28,8 @@ def test_bookkeeping():
     assert plan.windows() == [(6, 9), (0, 1)]
     assert plan.summary() == "slm: 12 -> 7 layers (fuse 6-9; drop 2; fuse 0-1)"
     assert Plan(method="m", num_layers=4, operations=[]).summary() == "m: 4 -> 4 layers (no change)"
+    scaled = Plan(method="slm", num_layers=6, operations=[Operation("fuse", 1, 3, detail={"branch_scale": 1.4})])
+    assert scaled.summary() == "slm: 6 -> 4 layers (fuse 1-3 x1.4)"
 
 
 def test_drop_range_removes_every_layer_in_it():

@@ -102,7 +102,16 @@ class Plan:
         return [(op.lo, op.hi) for op in self.operations if op.kind == "fuse"]
 
     def summary(self) -> str:
-        parts = [f"fuse {op.lo}-{op.hi}" if op.kind == "fuse" else f"drop {op.lo}" for op in self.operations]
+        """One line: the method, the layer counts and each operation (a rescaled fused layer with
+        its factor, e.g. ``fuse 3-7 x1.2``)."""
+
+        def part(op: Operation) -> str:
+            if op.kind == "drop":
+                return f"drop {op.lo}"
+            factor = op.detail.get("branch_scale", 1.0)
+            return f"fuse {op.lo}-{op.hi}" + (f" x{factor:g}" if factor != 1.0 else "")
+
+        parts = [part(op) for op in self.operations]
         return f"{self.method}: {self.num_layers} -> {self.num_layers_after} layers ({'; '.join(parts) or 'no change'})"
 
     def to_dict(self) -> dict[str, Any]:
