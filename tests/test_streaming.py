@@ -30,7 +30,8 @@ def calib_tokens(n: int = 6, t: int = 16, seed: int = 0) -> torch.Tensor:
 
 
 def ops(result) -> list[tuple]:
-    return [(o.kind, o.lo, o.hi, o.score) for o in result.plan.operations]
+    """Each operation with its score and rescaling factor (the default slm rescales its windows)."""
+    return [(o.kind, o.lo, o.hi, o.score, o.detail.get("branch_scale")) for o in result.plan.operations]
 
 
 def state(model) -> dict[str, torch.Tensor]:
