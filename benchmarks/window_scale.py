@@ -1,5 +1,6 @@
-"""Experiment (not in the library yet): scale the residual contributions of each window's kept
-base layer by a factor alpha, chosen on the calibration tokens by the KL divergence of the pruned
+"""Experiment of session 3, now in the library as ``slm``'s ``rescale=kl`` (the default since
+session 4: ``SlmEngine.rescale``, residual branches described per architecture).  Scale the
+residual contributions of each window's kept base layer by a factor alpha, chosen on the calibration tokens by the KL divergence of the pruned
 model's next-token distributions from the original's (the default's pick criterion).
 
 For each plan given (``layerfold plan`` JSON of the default, merge=base), the windows are taken
