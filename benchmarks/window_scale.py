@@ -1,7 +1,8 @@
 """Experiment of session 3, now in the library as ``slm``'s ``rescale=kl`` (the default since
 session 4: ``SlmEngine.rescale``, residual branches described per architecture).  Scale the
-residual contributions of each window's kept base layer by a factor alpha, chosen on the calibration tokens by the KL divergence of the pruned
-model's next-token distributions from the original's (the default's pick criterion).
+residual contributions of each window's kept base layer by a factor alpha, chosen on the
+calibration tokens by the KL divergence of the pruned model's next-token distributions from the
+original's.
 
 For each plan given (``layerfold plan`` JSON of the default, merge=base), the windows are taken
 bottom-up; for each, alpha runs over a grid and the one with the lowest KL of the whole pruned
