@@ -389,11 +389,8 @@ class SlmEngine:
         if not windows:
             return {}, 0.0, 0.0
         modules = {w[0]: self.module_of(w) for w in windows}
-        fused_at = {lo: hi for lo, hi in windows}
-        order, i = [], windows[0][0]
-        while i < self.num_layers:  # the pruned model's modules from the first window up
-            order.append(i)
-            i = fused_at[i] + 1 if i in fused_at else i + 1
+        removed = removed_layers(windows)
+        order = [i for i in range(windows[0][0], self.num_layers) if i not in removed]  # from the first window up
 
         def stack(from_index: int) -> list[tuple[torch.nn.Module, int]]:
             return [(modules.get(j, self.cache.layers[j]), j) for j in order if j >= from_index]
@@ -406,7 +403,7 @@ class SlmEngine:
             return -self.score_output(outs)
 
         start = windows[0][0]
-        kl_before = current = measure(start, None)
+        before = current = measure(start, None)
         factors: dict[Window, float] = {}
         bar = tqdm(total=len(windows) * (len(grid) - (1.0 in grid)), desc="rescaling", disable=not progress,
                    leave=False)
@@ -428,7 +425,7 @@ class SlmEngine:
             factors[(lo, hi)] = best[0]
             modules[lo] = best[1] if best[1] is not None else original
         bar.close()
-        return factors, kl_before, current
+        return factors, before, current
 
     def _propagate(self, segments: list[Window], current: list, k: int) -> None:
         """Recompute the inputs of the segments above segment ``k`` in the folded model."""
@@ -558,17 +555,15 @@ class SlidingLayerMerging(Method):
             extra["refine_swaps"] = [{"kept_again": r, "removed": k, "score": v} for r, k, v in history]
         factors: dict[Window, float] = {}
         if self.rescale != "none":
-            if self.rescale == "criterion" and self.criterion not in ("output-cosine", "loss"):
-                raise LayerfoldError("rescale=criterion scores the model's output: use criterion output-cosine or loss")
             factors, before, after = engine.rescale(run.windows, objective=self.rescale, progress=ctx.progress)
             extra["rescale"] = {"objective": "kl" if self.rescale == "kl" else f"-{self.criterion}",
                                 "before": before, "after": after,
                                 "factors": {f"{lo}-{hi}": f for (lo, hi), f in sorted(factors.items())}}
+        scaled = {w: f for w, f in factors.items() if f != 1.0}
         ops = [Operation("fuse", lo, hi, score=run.scores.get((lo, hi)),
                          detail={k: v for k, v in (("rejected_next", run.rejected.get((lo - 1, hi))),
                                                    ("fit", self.fit if self.fit != "none" else None),
-                                                   ("branch_scale", factors.get((lo, hi), 1.0)))
-                                 if v is not None and not (k == "branch_scale" and v == 1.0)})
+                                                   ("branch_scale", scaled.get((lo, hi)))) if v is not None})
                for lo, hi in sorted(run.windows)]
         plan = ctx.new_plan(self.name, ops, merge={"operator": self.merge, "norms": self.norms, "scale": self.scale},
                             criterion="window-cosine" if self.selection == "optimal" else self.criterion,
@@ -611,6 +606,8 @@ class SlidingLayerMerging(Method):
                                  "or --param-ratio")
         if self.selection == "portfolio" and self.criterion not in ("output-cosine", "loss"):
             raise LayerfoldError("selection=portfolio scores the model's output: use criterion output-cosine or loss")
+        if self.rescale == "criterion" and self.criterion not in ("output-cosine", "loss"):
+            raise LayerfoldError("rescale=criterion scores the model's output: use criterion output-cosine or loss")
         if self.rescale != "none" and self.fit != "none":
             raise LayerfoldError("rescale scales a window's merged layer; a fitted layer (fit=ridge) is not rescaled: "
                                  "use one or the other")
