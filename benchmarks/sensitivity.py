@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import platform
+import re
 import time
 
 import torch
@@ -45,7 +46,7 @@ def main() -> None:
     base = api.load_model(args.model, device=args.device)
     for spec in args.methods.split(";"):
         method, _, opts = spec.partition(":")  # e.g. "slm:selection=portfolio"
-        options = _options(opts.split("+") if opts else [])
+        options = _options(re.split(r"\+(?=\w+=)", opts) if opts else [])  # "+" before key=, not in "channels+kl"
         for source, samples in SETTINGS:
             loaded = copy.deepcopy(base)
             calib = CalibrationConfig(source=source, samples=samples, seq_len=128, seed=1234)

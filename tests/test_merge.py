@@ -188,6 +188,55 @@ def test_scaling_the_residual_branches(name, tiny_model):
     assert not torch.allclose(original, hidden, atol=1e-4)  # the layer does something to start with
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma3", "phi3", "opt", "gpt2", "gpt_neox"])
+def test_channel_factors_scale_each_branch_output_channel(name, tiny_model):
+    """Per-channel factors baked into the weights give the layer that multiplies each branch's
+    output, channel by channel, at run time (a forward hook computes the expected output)."""
+    import copy
+
+    model = tiny_model(name)
+    arch = architecture_for(model.config)
+    layer = arch.layer_list(model)[1]
+    width = model.config.hidden_size
+    captured = {}
+
+    def pre(module, args, kwargs):
+        captured["args"] = args[1:]
+        captured["kwargs"] = {k: v for k, v in kwargs.items()
+                              if k not in ("hidden_states", "past_key_values", "cache", "layer_past", "use_cache")}
+
+    handle = layer.register_forward_pre_hook(pre, with_kwargs=True)
+    with torch.no_grad():
+        model(torch.randint(3, 100, (2, 5)))
+    handle.remove()
+
+    hidden = torch.randn(2, 5, width)
+
+    def run(module):
+        with torch.no_grad():
+            out = module(hidden, *captured["args"], **captured["kwargs"])
+        return out[0] if isinstance(out, tuple) else out
+
+    from layerfold.models.arch import get_dotted
+
+    torch.manual_seed(1)
+    factors = {path: 0.5 + torch.rand(width) for path in arch.residual_branches}
+    expected_layer = copy.deepcopy(layer)
+    for path, f in factors.items():
+        get_dotted(expected_layer, path).register_forward_hook(lambda m, a, out, f=f: out * f)
+    baked = copy.deepcopy(layer)
+    scale_branches(baked, arch.residual_branches, factors)
+    expected = run(expected_layer)
+    torch.testing.assert_close(run(baked), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(expected, run(layer), atol=1e-4)
+    # a constant vector is the number
+    ones = copy.deepcopy(layer)
+    scale_branches(ones, arch.residual_branches, {p: torch.full((width,), 0.7) for p in arch.residual_branches})
+    number = copy.deepcopy(layer)
+    scale_branches(number, arch.residual_branches, 0.7)
+    torch.testing.assert_close(run(ones), run(number))
+
+
 def test_surgery_applies_the_branch_scale(tiny_model):
     model = tiny_model("gemma3")
     arch = architecture_for(model.config)
@@ -209,3 +258,8 @@ def test_scale_branches_errors(tiny_model):
         scale_branches(layer, None, 0.5)
     with pytest.raises(LayerfoldError, match="unknown residual branch kind"):
         scale_branches(layer, {"mlp.down_proj": "cubic"}, 0.5)
+    branches = {"mlp.down_proj": "linear"}
+    with pytest.raises(LayerfoldError, match="not residual branches"):
+        scale_branches(layer, branches, {"self_attn.q_proj": torch.ones(3)})
+    with pytest.raises(LayerfoldError, match="output channels"):
+        scale_branches(layer, branches, {"mlp.down_proj": torch.ones(3)})

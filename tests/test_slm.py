@@ -321,6 +321,63 @@ def test_rescale_lowers_the_calibration_kl_and_the_saved_plan_rebuilds_it():
     assert -1 <= -by_cosine["after"] <= 1 and by_cosine["after"] <= by_cosine["before"]
 
 
+def test_channel_factors_are_the_least_squares_fit_and_the_saved_plan_rebuilds_them():
+    """rescale=channels: for the lowest window, without ridge, each channel's two factors are the
+    least-squares solution computed here with lstsq; with the default ridge the plan carries the
+    factors, lowers the window's residual error against factor 1, and rebuilds a model with
+    exactly the KL the engine reported."""
+    from layerfold.calibrate import capture
+    from layerfold.merge import scale_branches
+    from layerfold.methods.slm import SlmEngine
+    from layerfold.models.arch import get_dotted
+
+    model, toks = tiny_llama(layers=10, seed=4), tokens()
+    wrapped = wrap_model(copy.deepcopy(model))
+    result = api.make_plan(wrapped, "slm", Target(layers=6), options={"rescale": "channels"}, tokens=toks,
+                           progress=False)
+    windows = result.plan.windows()
+    cache = capture(wrapped.model, wrapped.arch, toks, progress=False)
+    engine = SlmEngine(cache, "output-cosine", "base", "base")
+    lo, hi = windows[0]
+    exact = engine.fit_channels([windows[0]], ridge=0.0, progress=False)[(lo, hi)]
+    branches = list(wrapped.arch.residual_branches)
+    layer, seen = copy.deepcopy(cache.layers[lo]), {}
+    for p in branches:
+        get_dotted(layer, p).register_forward_hook(lambda m, a, out, p=p: seen.__setitem__(p, out.double()))
+    x, y = cache.input_of(lo).double(), cache.input_of(hi + 1).double()
+    cache.run(lo, [(layer, lo)], hidden=[cache.input_of(lo)])
+    width = x.shape[-1]
+    for c in range(width):
+        design = torch.stack([seen[p][..., c].reshape(-1) for p in branches], -1)
+        target = (y - x)[..., c].reshape(-1, 1)
+        solution = torch.linalg.lstsq(design, target).solution.squeeze(-1)
+        got = torch.stack([exact[p][c].double() for p in branches])
+        torch.testing.assert_close(got, solution, rtol=1e-3, atol=1e-4)
+    # the plan: every window carries one factor per channel and branch, the residual error drops
+    per_window = {(op.lo, op.hi): op.detail["channel_scale"] for op in result.plan.operations}
+    assert set(per_window) == set(windows)
+    assert all(len(v) == width for c in per_window.values() for v in c.values())
+    assert "+channels" in result.plan.summary()
+    fitted = copy.deepcopy(cache.layers[lo])
+    scale_branches(fitted, wrapped.arch.residual_branches,
+                   {p: torch.tensor(v) for p, v in per_window[(lo, hi)].items()})
+    error = {name: float(((torch.cat(cache.run(lo, [(m, lo)])) - y.float()) ** 2).sum())
+             for name, m in (("one", cache.layers[lo]), ("fitted", fitted))}
+    assert error["fitted"] < error["one"]
+    info = result.plan.scores["channels"]
+    assert info["ridge"] == 3.0 and info["kl_after"] != info["kl_before"]
+    saved = type(result.plan).from_dict(json.loads(result.plan.to_json()))
+    pruned = api.apply_plan(wrap_model(copy.deepcopy(model)), saved)
+    with torch.no_grad():
+        p = torch.log_softmax(model(toks).logits.float(), -1)
+        q = torch.log_softmax(pruned(toks).logits.float(), -1)
+    assert float((p.exp() * (p - q)).sum(-1).mean()) == pytest.approx(info["kl_after"], rel=1e-4)
+    both = api.make_plan(wrap_model(copy.deepcopy(model)), "slm", Target(layers=6),
+                         options={"rescale": "channels+kl"}, tokens=toks, progress=False).plan
+    assert both.scores["rescale"]["before"] == pytest.approx(info["kl_after"], rel=1e-5)
+    assert both.scores["rescale"]["after"] <= both.scores["rescale"]["before"]
+
+
 def test_rescale_refuses_a_fitted_layer():
     with pytest.raises(LayerfoldError, match="rescale"):
         api.make_plan(wrap_model(tiny_llama()), "slm", Target(layers=5),

@@ -57,7 +57,8 @@ def test_parse_memory_refuses_zero():
 
 
 @pytest.mark.parametrize("method, options", [("slm", None), ("shortgpt", None), ("sleb", None),
-                                             ("slm", {"fit": "ridge"}), ("slm-paper", None)])
+                                             ("slm", {"fit": "ridge"}), ("slm-paper", None),
+                                             ("slm", {"rescale": "channels+kl"})])
 def test_same_plan_with_and_without_streaming(tiny_model, method, options):
     model = tiny_model("llama")
     before = state(model)
@@ -65,6 +66,12 @@ def test_same_plan_with_and_without_streaming(tiny_model, method, options):
     plain = api.make_plan(model, method, Target(ratio=0.34), options=options, tokens=toks, progress=False)
     streamed = api.make_plan(model, method, Target(ratio=0.34), options=options, tokens=toks, progress=False, **CPU)
     assert ops(streamed) == ops(plain)
+    if options and options.get("rescale", "").startswith("channels"):
+        assert all(op.detail.get("channel_scale") for op in plain.plan.operations)
+    for a, b in zip(streamed.plan.operations, plain.plan.operations, strict=True):  # per-channel factors
+        assert set(a.detail.get("channel_scale", {})) == set(b.detail.get("channel_scale", {}))
+        for path, factors in b.detail.get("channel_scale", {}).items():
+            torch.testing.assert_close(torch.tensor(a.detail["channel_scale"][path]), torch.tensor(factors))
     for lo, tensors in plain.overrides.items():  # fitted fused layers (fit=ridge)
         for name, t in tensors.items():
             torch.testing.assert_close(streamed.overrides[lo][name], t)

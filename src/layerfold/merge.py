@@ -8,7 +8,7 @@ applies the operator to them too.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -90,29 +90,48 @@ BRANCH_KINDS = ("linear", "unit-offset-norm")
 
 
 @torch.no_grad()
-def scale_branches(layer: nn.Module, branches: dict[str, str] | None, factor: float) -> None:
+def scale_branches(layer: nn.Module, branches: dict[str, str] | None,
+                   factor: float | Mapping[str, torch.Tensor]) -> None:
     """Scale in place everything ``layer`` adds to its residual stream by ``factor``.
 
-    ``branches`` is the architecture's ``residual_branches`` (dotted module path -> kind).  With
-    factor 0 the layer passes its input through unchanged; with 1 it is untouched."""
+    ``branches`` is the architecture's ``residual_branches`` (dotted module path -> kind).  A
+    number scales every branch alike: with 0 the layer passes its input through unchanged, with 1
+    it is untouched.  A mapping gives, for some of the branches (by path), one factor per output
+    channel (a vector as long as the hidden size)."""
     from layerfold.models.arch import get_dotted
 
     if not branches:
         raise LayerfoldError("this architecture does not describe its residual branches "
                              "(residual_branches), so its layers cannot be rescaled")
-    if factor == 1.0:
-        return
-    for path, kind in branches.items():
-        module = get_dotted(layer, path)
-        if kind == "linear":
-            module.weight.mul_(factor)
-            if getattr(module, "bias", None) is not None:
-                module.bias.mul_(factor)
-        elif kind == "unit-offset-norm":
-            module.weight.copy_((factor * (1 + module.weight.float()) - 1).to(module.weight.dtype))
-        else:
+    if not isinstance(factor, Mapping):
+        if factor == 1.0:
+            return
+        per_path = {path: torch.tensor(float(factor)) for path in branches}
+    else:
+        unknown = sorted(set(factor) - set(branches))
+        if unknown:
+            raise LayerfoldError(f"channel factors for {unknown}, which are not residual branches of this "
+                                 f"architecture ({', '.join(branches)})")
+        per_path = {path: torch.as_tensor(v, dtype=torch.float32) for path, v in factor.items()}
+    for path, scale in per_path.items():
+        module, kind = get_dotted(layer, path), branches[path]
+        if kind not in BRANCH_KINDS:
             raise LayerfoldError(f"unknown residual branch kind '{kind}' for {path}: choose one of "
                                  f"{', '.join(BRANCH_KINDS)}")
+        out_dim = 1 if kind == "linear" and hasattr(module, "nf") else 0  # GPT-2's Conv1D stores [in, out]
+        width = module.weight.shape[out_dim]
+        if scale.dim() and scale.shape != (width,):
+            raise LayerfoldError(f"{path} has {width} output channels, got {tuple(scale.shape)} channel factors")
+        if kind == "linear":
+            shape = [1] * module.weight.dim()
+            if scale.dim():
+                shape[out_dim] = width
+            module.weight.mul_(scale.reshape(shape).to(module.weight.device, module.weight.dtype))
+            if getattr(module, "bias", None) is not None:
+                module.bias.mul_(scale.to(module.bias.device, module.bias.dtype))
+        else:
+            w = module.weight
+            w.copy_((scale.to(w.device) * (1 + w.float()) - 1).to(w.dtype))
 
 
 def build_fused_layer(layers: Sequence[nn.Module], operator: str = "diff", norms: str = "base",

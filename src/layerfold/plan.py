@@ -103,13 +103,14 @@ class Plan:
 
     def summary(self) -> str:
         """One line: the method, the layer counts and each operation (a rescaled fused layer with
-        its factor, e.g. ``fuse 3-7 x1.2``)."""
+        its factor, e.g. ``fuse 3-7 x1.2``; ``+channels`` when it has per-channel factors)."""
 
         def part(op: Operation) -> str:
             if op.kind == "drop":
                 return f"drop {op.lo}"
             factor = op.detail.get("branch_scale", 1.0)
-            return f"fuse {op.lo}-{op.hi}" + (f" x{factor:g}" if factor != 1.0 else "")
+            return (f"fuse {op.lo}-{op.hi}" + (" +channels" if op.detail.get("channel_scale") else "")
+                    + (f" x{factor:g}" if factor != 1.0 else ""))
 
         parts = [part(op) for op in self.operations]
         return f"{self.method}: {self.num_layers} -> {self.num_layers_after} layers ({'; '.join(parts) or 'no change'})"

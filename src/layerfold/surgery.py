@@ -27,8 +27,9 @@ def apply_plan(model: nn.Module, plan: Plan, overrides: FusedOverrides | None = 
 
     ``overrides`` maps a fuse window's base index to the full state dict of its fused layer
     (for fused layers whose weights were fitted on data rather than given by a merge operator).
-    A fuse operation whose ``detail`` has ``branch_scale`` gets its fused layer's residual
-    branches scaled by that factor (:func:`layerfold.merge.scale_branches`).
+    A fuse operation whose ``detail`` has ``channel_scale`` (branch path -> one factor per output
+    channel) gets its fused layer's residual branches scaled channel by channel, then by
+    ``branch_scale``, one factor for all (:func:`layerfold.merge.scale_branches`).
     """
     arch = architecture_for(model.config)
     layers = arch.layer_list(model)
@@ -48,6 +49,10 @@ def apply_plan(model: nn.Module, plan: Plan, overrides: FusedOverrides | None = 
             else:
                 fused = build_fused_layer(window, operator=op.detail.get("merge", merge.get("operator", "diff")),
                                           norms=merge.get("norms", "base"), scale=op.detail.get("scale", 1.0))
+            if op.detail.get("channel_scale"):
+                scale_branches(fused, arch.residual_branches,
+                               {path: torch.tensor(v, dtype=torch.float32)
+                                for path, v in op.detail["channel_scale"].items()})
             if op.detail.get("branch_scale", 1.0) != 1.0:
                 scale_branches(fused, arch.residual_branches, float(op.detail["branch_scale"]))
             new_layers.append(fused)

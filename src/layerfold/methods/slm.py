@@ -14,6 +14,7 @@ forward, compare), which the tests check.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -34,6 +35,7 @@ from layerfold.similarity import sample_cosine, similarity_matrix
 
 CRITERIA = ("output-cosine", "cka-linear", "cka-rbf", "angular", "loss")
 RESCALE_GRID = (0.6, 0.8, 0.9, 1.0, 1.1, 1.2, 1.4, 1.6, 2.0)  # factors tried for each window's kept layer
+CHANNEL_RIDGE = 3.0  # pull of the per-channel factors towards 1 (chosen on PTB-valid: benchmarks/channel_fit.py)
 Window = tuple[int, int]
 
 
@@ -371,24 +373,97 @@ class SlmEngine:
                 i = pick[0]
         return SlmRun(windows=sorted(chosen), scores={w: 1 - costs[w] for w in chosen})
 
+    def _branches(self, option: str) -> dict[str, str]:
+        branches = self.cache.arch.residual_branches
+        if not branches:
+            raise LayerfoldError(f"{option} is not available for {self.cache.arch.name}: its description has no "
+                                 "residual_branches")
+        return branches
+
+    @torch.no_grad()
+    def fit_channels(self, windows: list[Window], ridge: float = CHANNEL_RIDGE,
+                     progress: bool = True) -> dict[Window, dict[str, torch.Tensor]]:
+        """One factor per output channel of each residual branch of each window's fused layer,
+        fitted in closed form on the calibration tokens.  Bottom-up, with the windows below
+        already scaled: for channel ``c`` of the window ``[lo, hi]``, least squares over the
+        tokens of ``y_c - h_c ~ sum_b s_b,c * f_b,c``, where ``h`` enters the fused layer in the
+        pruned model, ``f_b`` is what branch ``b`` (attention, MLP) adds and ``y`` is the
+        original model's residual stream after layer ``hi``; ridge ``ridge * sum_t f_b,c^2`` pulls
+        each factor towards 1 (a channel a branch never writes keeps 1).  Returns, per window,
+        branch path -> factors (float32, one per hidden channel)."""
+        from layerfold.models.arch import get_dotted
+
+        branches = list(self._branches("channel fitting"))
+        windows = sorted(windows)
+        if not windows:
+            return {}
+        removed = removed_layers(windows)
+        order = [i for i in range(windows[0][0], self.num_layers) if i not in removed]
+        start = windows[0][0]
+        modules: dict[int, torch.nn.Module] = {}
+        factors: dict[Window, dict[str, torch.Tensor]] = {}
+        for lo, hi in tqdm(windows, desc="fitting channels", disable=not progress, leave=False):
+            below = [(modules.get(j, self.cache.layers[j]), j) for j in order if j < lo]
+            hidden = self.cache.run(start, below) if below else self.cache.inputs[lo]
+            layer = copy.deepcopy(self.module_of((lo, hi)))
+            seen: dict[str, list[torch.Tensor]] = {p: [] for p in branches}
+
+            def keep(_module, _args, out, into):
+                into.append(out.detach().to(self.cache.store_device, torch.float64))
+
+            hooks = [get_dotted(layer, p).register_forward_hook(functools.partial(keep, into=seen[p]))
+                     for p in branches]
+            try:
+                self.cache.run(lo, [(layer, lo)], hidden=hidden)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            gram = rhs = None
+            for b, (h, y) in enumerate(zip(hidden, self.cache.inputs[hi + 1], strict=True)):
+                width = y.shape[-1]
+                f = torch.stack([seen[p][b].reshape(-1, width) for p in branches], -1)  # [tokens, H, k]
+                d = (y.to(f) - h.to(f)).reshape(-1, width)
+                g, r = torch.einsum("thi,thj->hij", f, f), torch.einsum("thi,th->hi", f, d)
+                gram, rhs = (g, r) if gram is None else (gram + g, rhs + r)
+            # solve for the change from 1, so that a silent channel (zero Gram) keeps factor 1
+            diag = torch.diagonal(gram, dim1=-2, dim2=-1)
+            lhs = gram + torch.diag_embed(ridge * diag + 1e-12 * diag.sum(-1, keepdim=True).clamp_min(1e-30))
+            delta = torch.linalg.solve(lhs, (rhs - gram.sum(-1)).unsqueeze(-1)).squeeze(-1)
+            scale = (1 + delta).float().cpu()
+            factors[(lo, hi)] = {p: scale[:, i].clone() for i, p in enumerate(branches)}
+            scale_branches(layer, self.cache.arch.residual_branches, factors[(lo, hi)])
+            modules[lo] = layer
+            self.evaluated += 1
+        return factors
+
+    def kl_of(self, windows: list[Window], modules: dict[int, torch.nn.Module] | None = None) -> float:
+        """KL(original || pruned) on the calibration tokens of the model with ``windows`` folded,
+        their fused layers replaced by ``modules`` (window base -> layer) where given."""
+        windows = sorted(windows)
+        if not windows:
+            return 0.0
+        removed, modules, bases = removed_layers(windows), modules or {}, {w[0]: w for w in windows}
+        stack = [(modules[i] if i in modules else self.module_of(bases.get(i, (i, i))), i)
+                 for i in range(windows[0][0], self.num_layers) if i not in removed]
+        return output_kl(self.cache, self.cache.run(windows[0][0], stack))
+
     def rescale(self, windows: list[Window], grid: tuple[float, ...] = RESCALE_GRID, objective: str = "kl",
-                progress: bool = True) -> tuple[dict[Window, float], float, float]:
+                progress: bool = True, modules: dict[int, torch.nn.Module] | None = None
+                ) -> tuple[dict[Window, float], float, float]:
         """A factor for each window's fused layer, scaling what it adds to the residual stream
         (:func:`layerfold.merge.scale_branches`), chosen from ``grid`` on the calibration tokens by
         ``objective``: ``"kl"``, the KL divergence of the whole pruned model's next-token
         distributions from the original's, or ``"criterion"``, the engine's criterion on the
         model's output (negated, so that lower is better in both).  Windows are taken bottom-up,
         each with the factors already chosen below it; a factor other than 1 is kept only if it
-        lowers the objective, so it never rises.  Returns the factors, and the objective before
-        and after."""
-        branches = self.cache.arch.residual_branches
-        if not branches:
-            raise LayerfoldError(f"rescale is not available for {self.cache.arch.name}: its description has no "
-                                 "residual_branches")
+        lowers the objective, so it never rises.  ``modules`` (window base -> layer) replaces the
+        fused layers (e.g. channel-fitted ones) that the factors then scale.  Returns the factors,
+        and the objective before and after."""
+        branches = self._branches("rescale")
         windows = sorted(windows)
         if not windows:
             return {}, 0.0, 0.0
-        modules = {w[0]: self.module_of(w) for w in windows}
+        modules = {w[0]: self.module_of(w) for w in windows} | (modules or {})
         removed = removed_layers(windows)
         order = [i for i in range(windows[0][0], self.num_layers) if i not in removed]  # from the first window up
 
@@ -482,7 +557,7 @@ class SlidingLayerMerging(Method):
 
     Defaults (chosen on PTB-valid perplexity over SmolLM2-135M and Gemma-3-270M at 20% and 35%,
     benchmarks/results/quality.md): each window keeps its base layer (``merge="base"``), rescaled
-    (``rescale="kl"``, below), and the
+    channel by channel and then as a whole (``rescale="channels+kl"``, below), and the
     windows are those of the best of several candidate plans (``selection="portfolio"``): the
     greedy fold (adjacent segments folded one pair at a time, each time the pair that keeps the
     final output closest in cosine to the original's), the optimal windows (dynamic programming on
@@ -491,10 +566,16 @@ class SlidingLayerMerging(Method):
     tokens (``pick="criterion"``); ``pick="kl"`` compares them by the KL divergence of the pruned
     model's next-token distributions from the original's instead (better on validation text with
     the paper's 10 calibration samples, but on Gemma-3-270M it flips to a 4x worse plan with 32).
-    After the selection, what each window's kept layer adds to the residual stream is scaled by one
-    factor per window, chosen from a grid by that KL on the calibration tokens (``rescale="kl"``;
-    ``"criterion"`` chooses it by the criterion, ``"none"`` keeps the layer as it is); the factors
-    are stored in the plan's operations (``branch_scale``).
+    After the selection, what each window's kept layer adds to the residual stream is rescaled:
+    ``"channels"`` fits one factor per output channel of each residual branch (attention, MLP) in
+    closed form on the calibration activations, so that the kept layer's output approaches the
+    original residual stream after the window (:meth:`SlmEngine.fit_channels`, ridge
+    ``channel_ridge`` towards 1); ``"kl"`` scales the whole layer by one factor per window, chosen
+    from a grid by that KL on the calibration tokens (the default); ``"channels+kl"`` does both,
+    in that order; ``"criterion"`` chooses the one factor by the criterion; ``"none"`` keeps the
+    layer as it is.  The factors are stored in the plan's operations (``channel_scale``,
+    ``branch_scale``) and baked into the weights by surgery, so the pruned model is a plain
+    checkpoint.
     ``selection="greedy"`` and ``"optimal"`` run one selector; ``refine=N`` adds a swap search.
     The paper's procedure is ``slm-paper``; the authors' code, ``slm-reference``.
     """
@@ -513,7 +594,8 @@ class SlidingLayerMerging(Method):
     refine: int = Field(default=0, ge=0)
     refine_radius: int = Field(default=0, ge=0)
     pick: Literal["criterion", "kl"] = "criterion"
-    rescale: Literal["none", "kl", "criterion"] = "kl"
+    rescale: Literal["none", "kl", "criterion", "channels", "channels+kl"] = "kl"
+    channel_ridge: float = Field(default=CHANNEL_RIDGE, ge=0)
 
     @model_validator(mode="after")
     def _threshold_means_sliding(self):
@@ -554,15 +636,30 @@ class SlidingLayerMerging(Method):
             run = SlmRun(windows=windows, scores=dict.fromkeys(windows, engine.score_removal(removed)))
             extra["refine_swaps"] = [{"kept_again": r, "removed": k, "score": v} for r, k, v in history]
         factors: dict[Window, float] = {}
-        if self.rescale != "none":
-            factors, before, after = engine.rescale(run.windows, objective=self.rescale, progress=ctx.progress)
-            extra["rescale"] = {"objective": "kl" if self.rescale == "kl" else f"-{self.criterion}",
+        channels: dict[Window, dict[str, torch.Tensor]] = {}
+        modules = None
+        if self.rescale.startswith("channels"):
+            before = engine.kl_of(run.windows)
+            channels = engine.fit_channels(run.windows, self.channel_ridge, progress=ctx.progress)
+            modules = {}
+            for window, per_branch in channels.items():
+                modules[window[0]] = copy.deepcopy(engine.module_of(window))
+                scale_branches(modules[window[0]], ctx.cache.arch.residual_branches, per_branch)
+            extra["channels"] = {"ridge": self.channel_ridge, "kl_before": before,
+                                 "kl_after": engine.kl_of(run.windows, modules)}
+        if self.rescale in ("kl", "criterion", "channels+kl"):
+            objective = "criterion" if self.rescale == "criterion" else "kl"
+            factors, before, after = engine.rescale(run.windows, objective=objective, progress=ctx.progress,
+                                                    modules=modules)
+            extra["rescale"] = {"objective": "kl" if objective == "kl" else f"-{self.criterion}",
                                 "before": before, "after": after,
                                 "factors": {f"{lo}-{hi}": f for (lo, hi), f in sorted(factors.items())}}
         scaled = {w: f for w, f in factors.items() if f != 1.0}
+        per_channel = {w: {p: [round(float(v), 6) for v in t] for p, t in c.items()} for w, c in channels.items()}
         ops = [Operation("fuse", lo, hi, score=run.scores.get((lo, hi)),
                          detail={k: v for k, v in (("rejected_next", run.rejected.get((lo - 1, hi))),
                                                    ("fit", self.fit if self.fit != "none" else None),
+                                                   ("channel_scale", per_channel.get((lo, hi))),
                                                    ("branch_scale", scaled.get((lo, hi)))) if v is not None})
                for lo, hi in sorted(run.windows)]
         plan = ctx.new_plan(self.name, ops, merge={"operator": self.merge, "norms": self.norms, "scale": self.scale},
@@ -629,7 +726,7 @@ class SlmPaper(SlidingLayerMerging):
     name: ClassVar[str] = "slm-paper"
     selection: Literal["sliding", "greedy", "optimal", "portfolio"] = "sliding"
     merge: str = "diff"
-    rescale: Literal["none", "kl", "criterion"] = "none"
+    rescale: Literal["none", "kl", "criterion", "channels", "channels+kl"] = "none"
 
 
 @register
@@ -639,4 +736,4 @@ class SlmReference(SlidingLayerMerging):
     name: ClassVar[str] = "slm-reference"
     selection: Literal["sliding", "greedy", "optimal", "portfolio"] = "sliding"
     merge: str = "reference"
-    rescale: Literal["none", "kl", "criterion"] = "none"
+    rescale: Literal["none", "kl", "criterion", "channels", "channels+kl"] = "none"
