@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -32,8 +33,9 @@ from layerfold.methods.base import Target
 # name -> (method, options); the first block are SLM variants, then the baselines.  Variants measured
 # before rescale=kl became the default (session 4) pin rescale=none, so their names keep their meaning.
 CONFIGS: dict[str, tuple[str, dict]] = {
-    "slm": ("slm", {}),  # the default: portfolio, base merge, cosine pick, rescale=kl (from session 4)
+    "slm": ("slm", {}),  # the default: portfolio, base merge, cosine pick, rescale=channels+kl (from session 5)
     "slm/no-rescale": ("slm", {"rescale": "none"}),  # the default of sessions 2-3 (rows named "slm" then)
+    "slm/rescale-kl": ("slm", {"rescale": "kl"}),  # the default of session 4 (rows named "slm" then)
     "slm-paper": ("slm-paper", {}),
     "slm-reference": ("slm-reference", {}),
     "slm-paper/cka-linear": ("slm-paper", {"criterion": "cka-linear"}),
@@ -59,6 +61,10 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "slm/pick-kl+rescale": ("slm", {"pick": "kl", "rescale": "kl"}),
     "slm/optimal+rescale": ("slm", {"selection": "optimal", "rescale": "kl"}),
     "slm/greedy+rescale": ("slm", {"selection": "greedy", "rescale": "kl"}),
+    # session 5: per-channel factors fitted in closed form (channel_ridge 3), alone and before the grid factor
+    "slm/channels": ("slm", {"rescale": "channels"}),
+    "slm/channels+kl": ("slm", {"rescale": "channels+kl"}),
+    "slm/pick-kl+channels": ("slm", {"pick": "kl", "rescale": "channels"}),
     "slm/portfolio+refine": ("slm", {"selection": "portfolio", "refine": 3, "rescale": "none"}),
     "slm/greedy-loss+base": ("slm", {"selection": "greedy", "criterion": "loss", "rescale": "none"}),
     "slm/portfolio-loss+refine": ("slm", {"selection": "portfolio", "criterion": "loss", "refine": 3,
@@ -70,7 +76,12 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "shortened-ppl": ("shortened-ppl", {}),
     "shortened-taylor": ("shortened-taylor", {}),
     "last-n": ("last-n", {}),
+    # session 5: a baseline's removed layers with slm's per-channel factors fitted after (is the gain the
+    # correction alone?); benchmark-only, see with_channels
+    "shortgpt+channels": ("shortgpt", {}),
+    "sleb+channels": ("sleb", {}),
 }
+WITH_CHANNELS = ("shortgpt+channels", "sleb+channels")
 
 PPL = [("wikitext2", 128), ("ptb", 128), ("lambada", 128), ("ptb-valid", 128), ("wikitext2", 2048), ("ptb", 2048)]
 
@@ -98,6 +109,28 @@ def measure(loaded, args, zeroshot: bool = False, lengths: tuple[int, ...] = (12
         row["zs/mean_without_boolq"] = zs["summary"].get("mean_without_boolq")
         row["zs_seconds"] = zs["seconds"]
     return row
+
+
+def with_channels(loaded, result, tokens):
+    """``result``'s removed layers as windows (each kept layer below a removed run is its base),
+    with slm's per-channel factors fitted on ``tokens`` (:meth:`SlmEngine.fit_channels`)."""
+    from layerfold.calibrate import capture
+    from layerfold.methods.base import PlanResult
+    from layerfold.methods.slm import SlmEngine, windows_of
+    from layerfold.plan import Operation
+
+    plan = result.plan
+    removed = set(range(plan.num_layers)) - set(plan.kept_sources())
+    if 0 in removed:
+        raise ValueError("the plan removes layer 0: no window keeps a layer below it")
+    windows = windows_of(removed)
+    cache = capture(loaded.model, loaded.arch, tokens, progress=False)
+    factors = SlmEngine(cache, "output-cosine", "base", "base").fit_channels(windows, progress=False)
+    ops = [Operation("fuse", lo, hi, detail={"channel_scale": {p: t.tolist() for p, t in factors[(lo, hi)].items()}})
+           for lo, hi in windows]
+    new = dataclasses.replace(plan, method=f"{plan.method}+channels", operations=ops,
+                       merge={"operator": "base", "norms": "base"})
+    return PlanResult(new, {})
 
 
 BASELINES = ["shortgpt", "sleb", "angular", "laco", "shortened-ppl", "shortened-taylor", "last-n"]
@@ -158,6 +191,8 @@ def main() -> None:
             try:
                 result = api.make_plan(loaded, method, Target(ratio=ratio), calib, options, progress=False,
                                        tokens=tokens)
+                if name in WITH_CHANNELS:
+                    result = with_channels(loaded, result, tokens)
             except Exception as exc:
                 emit({"config": name, "ratio": ratio, "error": f"{type(exc).__name__}: {exc}"})
                 continue
@@ -193,6 +228,8 @@ def main() -> None:
                     method, options = CONFIGS[name]
                     plans[(name, ratio)] = api.make_plan(loaded, method, Target(ratio=ratio), calib, options,
                                                          progress=False, tokens=tokens)
+                    if name in WITH_CHANNELS:
+                        plans[(name, ratio)] = with_channels(loaded, plans[(name, ratio)], tokens)
                 api.apply_plan(loaded, plans[(name, ratio)])
                 layers = plans[(name, ratio)].plan.num_layers_after
             from layerfold.evaluate.zeroshot import evaluate_zeroshot

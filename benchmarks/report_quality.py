@@ -183,8 +183,9 @@ def main() -> None:
                         help="comma list of model labels for one validation ranking (repeatable; default: all)")
     parser.add_argument("--same-plan", action="append", default=[], metavar="LABEL:CONFIG@RATIO=OTHER",
                         help="CONFIG builds the same model as OTHER there (checked apart): show OTHER's figures")
-    parser.add_argument("--fullsets", default=None,
-                        help="zero-shot rows on the full task sets: sources as --model's PATH, ';'-separated")
+    parser.add_argument("--fullsets", action="append", default=[],
+                        help="zero-shot rows on the full task sets: [LABEL=]sources as --model's PATH, "
+                             "';'-separated (LABEL defaults to SmolLM2-135M); once per model")
     args = parser.parse_args()
     models = {}
     for spec in args.model:  # a label given twice merges its sources, later ones winning
@@ -223,9 +224,10 @@ def main() -> None:
         print("|" + "---|" * (3 + len(cases)))
         for i, (g, name, values) in enumerate(ranked, 1):
             print(f"| {i} | {name} | {fmt(g)} | " + " | ".join(fmt(v) for v in values) + " |")
-    if args.fullsets:
-        print("\n### Zero-shot on the full task sets (SmolLM2-135M)\n")
-        print(fullsets_table(args.fullsets))
+    for spec in args.fullsets:
+        label, _, sources = spec.partition("=") if "=" in spec.split("|")[0] else ("", "", spec)
+        print(f"\n### Zero-shot on the full task sets ({label or 'SmolLM2-135M'})\n")
+        print(fullsets_table(sources))
 
 
 if __name__ == "__main__":

@@ -571,7 +571,7 @@ class SlidingLayerMerging(Method):
     closed form on the calibration activations, so that the kept layer's output approaches the
     original residual stream after the window (:meth:`SlmEngine.fit_channels`, ridge
     ``channel_ridge`` towards 1); ``"kl"`` scales the whole layer by one factor per window, chosen
-    from a grid by that KL on the calibration tokens (the default); ``"channels+kl"`` does both,
+    from a grid by that KL on the calibration tokens; ``"channels+kl"`` (the default) does both,
     in that order; ``"criterion"`` chooses the one factor by the criterion; ``"none"`` keeps the
     layer as it is.  The factors are stored in the plan's operations (``channel_scale``,
     ``branch_scale``) and baked into the weights by surgery, so the pruned model is a plain
@@ -594,7 +594,7 @@ class SlidingLayerMerging(Method):
     refine: int = Field(default=0, ge=0)
     refine_radius: int = Field(default=0, ge=0)
     pick: Literal["criterion", "kl"] = "criterion"
-    rescale: Literal["none", "kl", "criterion", "channels", "channels+kl"] = "kl"
+    rescale: Literal["none", "kl", "criterion", "channels", "channels+kl"] = "channels+kl"
     channel_ridge: float = Field(default=CHANNEL_RIDGE, ge=0)
 
     @model_validator(mode="after")
