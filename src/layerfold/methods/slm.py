@@ -37,6 +37,7 @@ CRITERIA = ("output-cosine", "cka-linear", "cka-rbf", "angular", "loss")
 RESCALE_GRID = (0.6, 0.8, 0.9, 1.0, 1.1, 1.2, 1.4, 1.6, 2.0)  # factors tried for each window's kept layer
 CHANNEL_RIDGE = 3.0  # pull of the per-channel factors towards 1 (chosen on PTB-valid: benchmarks/channel_fit.py)
 Window = tuple[int, int]
+Rescale = Literal["none", "kl", "criterion", "channels", "channels+kl"]
 
 
 def removed_layers(windows: list[Window]) -> set[int]:
@@ -409,7 +410,7 @@ class SlmEngine:
             seen: dict[str, list[torch.Tensor]] = {p: [] for p in branches}
 
             def keep(_module, _args, out, into):
-                into.append(out.detach().to(self.cache.store_device, torch.float64))
+                into.append(out.detach().to(self.cache.store_device, torch.float32))
 
             hooks = [get_dotted(layer, p).register_forward_hook(functools.partial(keep, into=seen[p]))
                      for p in branches]
@@ -421,7 +422,7 @@ class SlmEngine:
             gram = rhs = None
             for b, (h, y) in enumerate(zip(hidden, self.cache.inputs[hi + 1], strict=True)):
                 width = y.shape[-1]
-                f = torch.stack([seen[p][b].reshape(-1, width) for p in branches], -1)  # [tokens, H, k]
+                f = torch.stack([seen[p][b].reshape(-1, width) for p in branches], -1).double()  # [tokens, H, k]
                 d = (y.to(f) - h.to(f)).reshape(-1, width)
                 g, r = torch.einsum("thi,thj->hij", f, f), torch.einsum("thi,th->hi", f, d)
                 gram, rhs = (g, r) if gram is None else (gram + g, rhs + r)
@@ -429,7 +430,7 @@ class SlmEngine:
             diag = torch.diagonal(gram, dim1=-2, dim2=-1)
             lhs = gram + torch.diag_embed(ridge * diag + 1e-12 * diag.sum(-1, keepdim=True).clamp_min(1e-30))
             delta = torch.linalg.solve(lhs, (rhs - gram.sum(-1)).unsqueeze(-1)).squeeze(-1)
-            scale = (1 + delta).float().cpu()
+            scale = (1 + delta).round(decimals=6).float().cpu()  # as the plan stores them
             factors[(lo, hi)] = {p: scale[:, i].clone() for i, p in enumerate(branches)}
             scale_branches(layer, self.cache.arch.residual_branches, factors[(lo, hi)])
             modules[lo] = layer
@@ -594,7 +595,7 @@ class SlidingLayerMerging(Method):
     refine: int = Field(default=0, ge=0)
     refine_radius: int = Field(default=0, ge=0)
     pick: Literal["criterion", "kl"] = "criterion"
-    rescale: Literal["none", "kl", "criterion", "channels", "channels+kl"] = "channels+kl"
+    rescale: Rescale = "channels+kl"
     channel_ridge: float = Field(default=CHANNEL_RIDGE, ge=0)
 
     @model_validator(mode="after")
@@ -655,7 +656,8 @@ class SlidingLayerMerging(Method):
                                 "before": before, "after": after,
                                 "factors": {f"{lo}-{hi}": f for (lo, hi), f in sorted(factors.items())}}
         scaled = {w: f for w, f in factors.items() if f != 1.0}
-        per_channel = {w: {p: [round(float(v), 6) for v in t] for p, t in c.items()} for w, c in channels.items()}
+        # six decimals, as fitted: they give back exactly the float32 factors the engine used
+        per_channel = {w: {p: [round(v, 6) for v in t.tolist()] for p, t in c.items()} for w, c in channels.items()}
         ops = [Operation("fuse", lo, hi, score=run.scores.get((lo, hi)),
                          detail={k: v for k, v in (("rejected_next", run.rejected.get((lo - 1, hi))),
                                                    ("fit", self.fit if self.fit != "none" else None),
@@ -726,7 +728,7 @@ class SlmPaper(SlidingLayerMerging):
     name: ClassVar[str] = "slm-paper"
     selection: Literal["sliding", "greedy", "optimal", "portfolio"] = "sliding"
     merge: str = "diff"
-    rescale: Literal["none", "kl", "criterion", "channels", "channels+kl"] = "none"
+    rescale: Rescale = "none"
 
 
 @register
@@ -736,4 +738,4 @@ class SlmReference(SlidingLayerMerging):
     name: ClassVar[str] = "slm-reference"
     selection: Literal["sliding", "greedy", "optimal", "portfolio"] = "sliding"
     merge: str = "reference"
-    rescale: Literal["none", "kl", "criterion", "channels", "channels+kl"] = "none"
+    rescale: Rescale = "none"
