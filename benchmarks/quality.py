@@ -31,7 +31,8 @@ from layerfold.evaluate.perplexity import perplexity
 from layerfold.methods.base import Target
 
 # name -> (method, options); the first block are SLM variants, then the baselines.  Variants measured
-# before rescale=kl became the default (session 4) pin rescale=none, so their names keep their meaning.
+# before rescale=kl became the default (session 4) pin rescale=none, and those of session 4 pin rescale=kl
+# (channels+kl is the default since session 5), so their names keep their meaning.
 CONFIGS: dict[str, tuple[str, dict]] = {
     "slm": ("slm", {}),  # the default: portfolio, base merge, cosine pick, rescale=channels+kl (from session 5)
     "slm/no-rescale": ("slm", {"rescale": "none"}),  # the default of sessions 2-3 (rows named "slm" then)
@@ -129,7 +130,7 @@ def with_channels(loaded, result, tokens):
     ops = [Operation("fuse", lo, hi, detail={"channel_scale": {p: t.tolist() for p, t in factors[(lo, hi)].items()}})
            for lo, hi in windows]
     new = dataclasses.replace(plan, method=f"{plan.method}+channels", operations=ops,
-                       merge={"operator": "base", "norms": "base"})
+                              merge={"operator": "base", "norms": "base"})
     return PlanResult(new, {})
 
 
