@@ -126,7 +126,7 @@ def with_channels(loaded, result, tokens):
         raise ValueError("the plan removes layer 0: no window keeps a layer below it")
     windows = windows_of(removed)
     cache = capture(loaded.model, loaded.arch, tokens, progress=False)
-    factors = SlmEngine(cache, "output-cosine", "base", "base").fit_channels(windows, progress=False)
+    factors, _ = SlmEngine(cache, "output-cosine", "base", "base").fit_channels(windows, progress=False)
     ops = [Operation("fuse", lo, hi, detail={"channel_scale": {p: t.tolist() for p, t in factors[(lo, hi)].items()}})
            for lo, hi in windows]
     new = dataclasses.replace(plan, method=f"{plan.method}+channels", operations=ops,

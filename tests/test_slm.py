@@ -292,6 +292,17 @@ def test_engine_keeps_only_the_fused_layers_of_the_model_it_scores():
     assert engine.candidate((2, 4)) is engine.cache.layers[2]
 
 
+def rebuilt_kl(model, plan, toks) -> float:
+    """KL(original || pruned) on ``toks`` of the model that ``plan``, saved to JSON and read back,
+    builds from ``model``."""
+    saved = type(plan).from_dict(json.loads(plan.to_json()))
+    pruned = api.apply_plan(wrap_model(copy.deepcopy(model)), saved)
+    with torch.no_grad():
+        p = torch.log_softmax(model(toks).logits.float(), -1)
+        q = torch.log_softmax(pruned(toks).logits.float(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
 def test_rescale_lowers_the_calibration_kl_and_the_saved_plan_rebuilds_it():
     """rescale=kl picks a factor per window that never raises the KL; the plan carries the factors,
     and the model surgery builds from it has exactly the KL the engine reported."""
@@ -309,12 +320,7 @@ def test_rescale_lowers_the_calibration_kl_and_the_saved_plan_rebuilds_it():
     assert scaled, "some window should take a factor other than 1 on this model"
     assert all(v != 1.0 for v in scaled.values())
     assert info["after"] < info["before"]
-    saved = type(result.plan).from_dict(json.loads(result.plan.to_json()))
-    pruned = api.apply_plan(wrap_model(copy.deepcopy(model)), saved)
-    with torch.no_grad():
-        p = torch.log_softmax(model(toks).logits.float(), -1)
-        q = torch.log_softmax(pruned(toks).logits.float(), -1)
-    assert float((p.exp() * (p - q)).sum(-1).mean()) == pytest.approx(info["after"], rel=1e-4)
+    assert rebuilt_kl(model, result.plan, toks) == pytest.approx(info["after"], rel=1e-4)
     by_cosine = api.make_plan(wrap_model(copy.deepcopy(model)), "slm", Target(layers=6),
                               options={"rescale": "criterion"}, tokens=toks, progress=False).plan.scores["rescale"]
     assert by_cosine["objective"] == "-output-cosine"
@@ -339,7 +345,7 @@ def test_channel_factors_are_the_least_squares_fit_and_the_saved_plan_rebuilds_t
     cache = capture(wrapped.model, wrapped.arch, toks, progress=False)
     engine = SlmEngine(cache, "output-cosine", "base", "base")
     lo, hi = windows[0]
-    exact = engine.fit_channels([windows[0]], ridge=0.0, progress=False)[(lo, hi)]
+    exact = engine.fit_channels([windows[0]], ridge=0.0, progress=False)[0][(lo, hi)]
     branches = list(wrapped.arch.residual_branches)
     layer, seen = copy.deepcopy(cache.layers[lo]), {}
     for p in branches:
@@ -366,12 +372,7 @@ def test_channel_factors_are_the_least_squares_fit_and_the_saved_plan_rebuilds_t
     assert error["fitted"] < error["one"]
     info = result.plan.scores["channels"]
     assert info["ridge"] == 3.0 and info["kl_after"] != info["kl_before"]
-    saved = type(result.plan).from_dict(json.loads(result.plan.to_json()))
-    pruned = api.apply_plan(wrap_model(copy.deepcopy(model)), saved)
-    with torch.no_grad():
-        p = torch.log_softmax(model(toks).logits.float(), -1)
-        q = torch.log_softmax(pruned(toks).logits.float(), -1)
-    assert float((p.exp() * (p - q)).sum(-1).mean()) == pytest.approx(info["kl_after"], rel=1e-4)
+    assert rebuilt_kl(model, result.plan, toks) == pytest.approx(info["kl_after"], rel=1e-4)
     both = api.make_plan(wrap_model(copy.deepcopy(model)), "slm", Target(layers=6),
                          options={"rescale": "channels+kl"}, tokens=toks, progress=False).plan
     assert both.scores["rescale"]["before"] == pytest.approx(info["kl_after"], rel=1e-5)

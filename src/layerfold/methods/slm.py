@@ -381,9 +381,19 @@ class SlmEngine:
                                  "residual_branches")
         return branches
 
+    def _folded(self, windows: list[Window], modules: dict[int, torch.nn.Module] | None = None
+                 ) -> list[tuple[torch.nn.Module, int]]:
+        """The folded model's layers from the first window up, each with its original index: each
+        window's fused layer (``modules[base]`` where given), the other kept layers as they are."""
+        removed = removed_layers(windows)
+        modules = {w[0]: self.module_of(w) for w in windows} | (modules or {})
+        return [(modules.get(i, self.cache.layers[i]), i) for i in range(windows[0][0], self.num_layers)
+                if i not in removed]
+
     @torch.no_grad()
     def fit_channels(self, windows: list[Window], ridge: float = CHANNEL_RIDGE,
-                     progress: bool = True) -> dict[Window, dict[str, torch.Tensor]]:
+                     progress: bool = True
+                     ) -> tuple[dict[Window, dict[str, torch.Tensor]], dict[int, torch.nn.Module]]:
         """One factor per output channel of each residual branch of each window's fused layer,
         fitted in closed form on the calibration tokens.  Bottom-up, with the windows below
         already scaled: for channel ``c`` of the window ``[lo, hi]``, least squares over the
@@ -391,20 +401,19 @@ class SlmEngine:
         pruned model, ``f_b`` is what branch ``b`` (attention, MLP) adds and ``y`` is the
         original model's residual stream after layer ``hi``; ridge ``ridge * sum_t f_b,c^2`` pulls
         each factor towards 1 (a channel a branch never writes keeps 1).  Returns, per window,
-        branch path -> factors (float32, one per hidden channel)."""
+        branch path -> factors (float32, one per hidden channel), and the scaled layers (window
+        base -> a scaled copy of its fused layer)."""
         from layerfold.models.arch import get_dotted
 
         branches = list(self._branches("channel fitting"))
         windows = sorted(windows)
         if not windows:
-            return {}
-        removed = removed_layers(windows)
-        order = [i for i in range(windows[0][0], self.num_layers) if i not in removed]
+            return {}, {}
         start = windows[0][0]
         modules: dict[int, torch.nn.Module] = {}
         factors: dict[Window, dict[str, torch.Tensor]] = {}
         for lo, hi in tqdm(windows, desc="fitting channels", disable=not progress, leave=False):
-            below = [(modules.get(j, self.cache.layers[j]), j) for j in order if j < lo]
+            below = [(m, j) for m, j in self._folded(windows, modules) if j < lo]
             hidden = self.cache.run(start, below) if below else self.cache.inputs[lo]
             layer = copy.deepcopy(self.module_of((lo, hi)))
             seen: dict[str, list[torch.Tensor]] = {p: [] for p in branches}
@@ -435,7 +444,7 @@ class SlmEngine:
             scale_branches(layer, self.cache.arch.residual_branches, factors[(lo, hi)])
             modules[lo] = layer
             self.evaluated += 1
-        return factors
+        return factors, modules
 
     def kl_of(self, windows: list[Window], modules: dict[int, torch.nn.Module] | None = None) -> float:
         """KL(original || pruned) on the calibration tokens of the model with ``windows`` folded,
@@ -443,10 +452,7 @@ class SlmEngine:
         windows = sorted(windows)
         if not windows:
             return 0.0
-        removed, modules, bases = removed_layers(windows), modules or {}, {w[0]: w for w in windows}
-        stack = [(modules[i] if i in modules else self.module_of(bases.get(i, (i, i))), i)
-                 for i in range(windows[0][0], self.num_layers) if i not in removed]
-        return output_kl(self.cache, self.cache.run(windows[0][0], stack))
+        return output_kl(self.cache, self.cache.run(windows[0][0], self._folded(windows, modules)))
 
     def rescale(self, windows: list[Window], grid: tuple[float, ...] = RESCALE_GRID, objective: str = "kl",
                 progress: bool = True, modules: dict[int, torch.nn.Module] | None = None
@@ -464,12 +470,10 @@ class SlmEngine:
         windows = sorted(windows)
         if not windows:
             return {}, 0.0, 0.0
-        modules = {w[0]: self.module_of(w) for w in windows} | (modules or {})
-        removed = removed_layers(windows)
-        order = [i for i in range(windows[0][0], self.num_layers) if i not in removed]  # from the first window up
+        modules = {w[0]: self.module_of(w) for w in windows} | (modules or {})  # trials replace entries
 
         def stack(from_index: int) -> list[tuple[torch.nn.Module, int]]:
-            return [(modules.get(j, self.cache.layers[j]), j) for j in order if j >= from_index]
+            return [(m, j) for m, j in self._folded(windows, modules) if j >= from_index]
 
         def measure(from_index: int, hidden) -> float:
             if objective == "kl":
@@ -640,14 +644,11 @@ class SlidingLayerMerging(Method):
         channels: dict[Window, dict[str, torch.Tensor]] = {}
         modules = None
         if self.rescale.startswith("channels"):
-            before = engine.kl_of(run.windows)
-            channels = engine.fit_channels(run.windows, self.channel_ridge, progress=ctx.progress)
-            modules = {}
-            for window, per_branch in channels.items():
-                modules[window[0]] = copy.deepcopy(engine.module_of(window))
-                scale_branches(modules[window[0]], ctx.cache.arch.residual_branches, per_branch)
-            extra["channels"] = {"ridge": self.channel_ridge, "kl_before": before,
-                                 "kl_after": engine.kl_of(run.windows, modules)}
+            unfitted = engine.kl_of(run.windows)
+            channels, modules = engine.fit_channels(run.windows, self.channel_ridge, progress=ctx.progress)
+            extra["channels"] = {"ridge": self.channel_ridge, "kl_before": unfitted}
+            if self.rescale == "channels":
+                extra["channels"]["kl_after"] = engine.kl_of(run.windows, modules)
         if self.rescale in ("kl", "criterion", "channels+kl"):
             objective = "criterion" if self.rescale == "criterion" else "kl"
             factors, before, after = engine.rescale(run.windows, objective=objective, progress=ctx.progress,
@@ -655,6 +656,8 @@ class SlidingLayerMerging(Method):
             extra["rescale"] = {"objective": "kl" if objective == "kl" else f"-{self.criterion}",
                                 "before": before, "after": after,
                                 "factors": {f"{lo}-{hi}": f for (lo, hi), f in sorted(factors.items())}}
+            if "channels" in extra:  # the grid starts from the channel-fitted model: its KL is "before"
+                extra["channels"]["kl_after"] = before
         scaled = {w: f for w, f in factors.items() if f != 1.0}
         # six decimals, as fitted: they give back exactly the float32 factors the engine used
         per_channel = {w: {p: [round(v, 6) for v in t.tolist()] for p, t in c.items()} for w, c in channels.items()}
