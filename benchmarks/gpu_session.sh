@@ -43,7 +43,7 @@ print("torch", torch.__version__, "transformers", transformers.__version__, flus
 from layerfold.models.load import load_model
 from layerfold.evaluate.zeroshot import evaluate_zeroshot
 m = load_model(device="cuda")
-print(evaluate_zeroshot(m.model, m.tokenizer, "zeroshot7", limit=1, progress=False)["summary"])
+print(evaluate_zeroshot(m.model, m.tokenizer, "zeroshot7,heldout", limit=1, progress=False)["summary"])
 PY
   ;;
 launch)

@@ -4,7 +4,9 @@ Calibration as the paper: 10 x 128 tokens of book text (the LAMBADA calibration 
 1234, never overlapping evaluation text.  For each method and ratio it records pruning wall
 time, perplexity (WikiText-2 and PTB test at 128 and 2048 tokens, LAMBADA evaluation half at
 128, PTB *valid* at 128: the validation figure on which layerfold's defaults are chosen),
-and the seven-task zero-shot average through lm-evaluation-harness (with and without BoolQ).
+and the seven-task zero-shot average through lm-evaluation-harness (with and without BoolQ);
+``--zs-tasks heldout`` scores the zero-shot validation tasks instead, ``--zs-docs`` keeps each
+document's outcome for paired comparisons (benchmarks/zeroshot_paired.py).
 
 Each row is appended to ``--out`` as one JSON line the moment it is done, so a run cut short
 keeps what it finished.  ``--budget-s`` skips zero-shot for rows started after that many
@@ -100,15 +102,30 @@ def measure(loaded, args, zeroshot: bool = False, lengths: tuple[int, ...] = (12
             row[f"ppl/{source}@{seq_len}"] = None
             row.setdefault("errors", []).append(f"{source}@{seq_len}: {exc}")
     if zeroshot:
-        from layerfold.evaluate.zeroshot import evaluate_zeroshot
+        row.update(zeroshot_row(loaded, args))
+    return row
 
-        zs = evaluate_zeroshot(loaded.model, loaded.tokenizer, "zeroshot7", limit=args.zs_limit,
-                               batch_size=args.zs_batch, progress=False)
-        row["zeroshot"] = {n: t["value"] for n, t in zs["tasks"].items()}
-        row["zeroshot_samples"] = {n: t["samples"] for n, t in zs["tasks"].items()}
+
+def zeroshot_row(loaded, args) -> dict:
+    """The zero-shot figures of ``loaded`` on ``--zs-tasks``: the seven tasks under ``zeroshot`` (with
+    the papers' means), any other group under ``heldout`` (with its plain mean); ``--zs-docs`` adds
+    the per-document outcomes (``*_docs``) that benchmarks/zeroshot_paired.py compares."""
+    from layerfold.evaluate.zeroshot import ZEROSHOT7, evaluate_zeroshot, resolve_tasks
+
+    seven = tuple(resolve_tasks(args.zs_tasks)) == ZEROSHOT7
+    zs = evaluate_zeroshot(loaded.model, loaded.tokenizer, args.zs_tasks, limit=args.zs_limit,
+                           batch_size=args.zs_batch, progress=False, per_doc=args.zs_docs)
+    key = "zeroshot" if seven else "heldout"
+    values = {n: t["value"] for n, t in zs["tasks"].items()}
+    row = {key: values, f"{key}_samples": {n: t["samples"] for n, t in zs["tasks"].items()}}
+    if seven:
         row["zs/mean"] = zs["summary"].get("mean")
         row["zs/mean_without_boolq"] = zs["summary"].get("mean_without_boolq")
-        row["zs_seconds"] = zs["seconds"]
+    else:
+        row["heldout/mean"] = sum(values.values()) / len(values)
+    if args.zs_docs:
+        row[f"{key}_docs"] = {n: t["docs"] for n, t in zs["tasks"].items()}
+    row["zs_seconds"] = zs["seconds"]
     return row
 
 
@@ -149,6 +166,10 @@ def main() -> None:
                              "the best PTB-valid perplexity), 'none', or a comma list")
     parser.add_argument("--zs-limit", type=int, default=None)
     parser.add_argument("--zs-batch", type=int, default=64)
+    parser.add_argument("--zs-tasks", default="zeroshot7",
+                        help="zeroshot7 (reported), or heldout (zero-shot validation: splits no reported "
+                             "figure scores)")
+    parser.add_argument("--zs-docs", action="store_true", help="record per-document outcomes (paired comparisons)")
     parser.add_argument("--ppl-windows", type=int, default=None, help="128-token windows per source (all)")
     parser.add_argument("--ppl-windows-long", type=int, default=None, help="2048-token windows per source (all)")
     parser.add_argument("--long", action="store_true", help="2048-token perplexity for the zero-shot rows")
@@ -176,7 +197,8 @@ def main() -> None:
         with open(args.out, "a") as fh:
             fh.write(json.dumps({**row, **env}, default=float) + "\n")
         print(json.dumps({k: v for k, v in row.items() if k.startswith(("config", "ratio", "ppl/ptb-valid", "zs/m",
-                                                                         "layers", "error"))}), flush=True)
+                                                                         "heldout/m", "layers", "error"))}),
+              flush=True)
 
     # phase 1: plan, apply, perplexity for every configuration
     plans: dict[tuple[str, float], object] = {}
@@ -233,17 +255,10 @@ def main() -> None:
                         plans[(name, ratio)] = with_channels(loaded, plans[(name, ratio)], tokens)
                 api.apply_plan(loaded, plans[(name, ratio)])
                 layers = plans[(name, ratio)].plan.num_layers_after
-            from layerfold.evaluate.zeroshot import evaluate_zeroshot
-
-            zs = evaluate_zeroshot(loaded.model, loaded.tokenizer, "zeroshot7", limit=args.zs_limit,
-                                   batch_size=args.zs_batch, progress=False)
+            zs = zeroshot_row(loaded, args)
             long = measure(loaded, args, False, lengths=(2048,)) if args.long else {}
-            emit({"config": name, "ratio": ratio, "layers": layers, "phase": "zeroshot", **long,
-                  "zeroshot": {t: r["value"] for t, r in zs["tasks"].items()},
-                  "zeroshot_samples": {t: r["samples"] for t, r in zs["tasks"].items()},
-                  "zs/mean": zs["summary"].get("mean"),
-                  "zs/mean_without_boolq": zs["summary"].get("mean_without_boolq"),
-                  "zs_seconds": zs["seconds"]})
+            emit({"config": name, "ratio": ratio, "layers": layers,
+                  "phase": "zeroshot" if "zeroshot" in zs else "heldout", **long, **zs})
             del loaded
 
 

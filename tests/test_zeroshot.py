@@ -221,3 +221,24 @@ def test_eval_command_rejects_unknown_task(tiny_llama):
 
     result = CliRunner().invoke(app, ["eval", str(tiny_llama), "--tasks", "arc_eazy"])
     assert isinstance(result.exception, LayerfoldError) and "arc_easy" in str(result.exception)
+
+
+def test_per_document_outcomes_match_the_task_figures(tiny_llama):
+    """``per_doc`` gives one outcome per scored document, whose mean is the reported figure."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    result = zs.evaluate_zeroshot(model, AutoTokenizer.from_pretrained(tiny_llama), "copa,arc_challenge_val",
+                                  limit=6, batch_size=4, progress=False, per_doc=True)
+    for r in result["tasks"].values():
+        assert len(r["docs"]) == r["samples"] == 6 and set(r["docs"]) <= {"0", "1"}
+        assert r["docs"].count("1") / 6 == pytest.approx(r["value"])
+
+
+def test_doc_outcomes_orders_by_document_and_rejects_graded_metrics():
+    samples = [{"doc_id": 2, "acc": 1.0}, {"doc_id": 0, "acc": 0.0}, {"doc_id": 1, "acc": 1.0}]
+    assert zs.doc_outcomes(samples, "acc") == "011"
+    with pytest.raises(LayerfoldError, match="not 0 or 1"):
+        zs.doc_outcomes([{"doc_id": 0, "acc": 0.5}], "acc")
+    assert zs.resolve_tasks("heldout") == ["sciq", "social_iqa", "copa", "arc_easy_val", "arc_challenge_val",
+                                           "openbookqa_val"]

@@ -248,7 +248,8 @@ def eval_cmd(
     tasks: Annotated[str | None, typer.Option(
         help="Zero-shot tasks through lm-evaluation-harness, offline: zeroshot7 (boolq, piqa, hellaswag, "
              "winogrande, arc_easy, arc_challenge, openbookqa), zeroshot7_val, extra (sciq, social_iqa, copa, "
-             "commonsense_qa), or a comma list.")] = None,
+             "commonsense_qa), heldout (validation: sciq, social_iqa, copa and the ARC/OpenBookQA validation "
+             "splits), or a comma list.")] = None,
     limit: Annotated[int | None, typer.Option(
         help="Zero-shot: score only the first N documents of each task (a smoke test).")] = None,
     hub: Annotated[bool, typer.Option(

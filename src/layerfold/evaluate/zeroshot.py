@@ -85,6 +85,9 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "zeroshot7_val": ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy_val", "arc_challenge_val",
                       "openbookqa_val"),
     "extra": ("sciq", "social_iqa", "copa", "commonsense_qa"),
+    # Zero-shot validation: splits no reported seven-task figure scores (ARC and OpenBookQA's
+    # validation splits, the extra tasks but CommonsenseQA, whose letter prompt sits at chance).
+    "heldout": ("sciq", "social_iqa", "copa", "arc_easy_val", "arc_challenge_val", "openbookqa_val"),
 }
 # In the papers' mean, each validation-split variant stands for its test-split task.
 _PAPER_SLOT = {"arc_easy_val": "arc_easy", "arc_challenge_val": "arc_challenge", "openbookqa_val": "openbookqa"}
@@ -217,11 +220,13 @@ def _offline() -> None:
 
 def evaluate_zeroshot(model: torch.nn.Module, tokenizer, tasks: str | Iterable[str] = "zeroshot7",
                       limit: int | None = None, batch_size: int = 8, hub: bool = False,
-                      describe: dict | None = None, progress: bool = True) -> dict:
+                      describe: dict | None = None, progress: bool = True, per_doc: bool = False) -> dict:
     """Score ``model`` 0-shot on the tasks; return a JSON-ready dict with the protocol.
 
     ``limit`` scores only the first N documents of each task (a smoke test: figures are not
     comparable with full-set ones).  ``describe`` (model name, layers, ...) joins the protocol.
+    ``per_doc`` adds each task's ``docs``: one character per document in document order, ``1``
+    where the reported metric counted it correct (for paired comparisons of two models).
     """
     names = resolve_tasks(tasks)
     if limit is not None and limit < 1:
@@ -245,9 +250,12 @@ def evaluate_zeroshot(model: torch.nn.Module, tokenizer, tasks: str | Iterable[s
     start = time.perf_counter()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     out = lm_eval.simple_evaluate(model=lm, tasks=lm_names, limit=limit, task_manager=manager,
-                                  log_samples=False, verbosity=None)
+                                  log_samples=per_doc, verbosity=None)
     seconds = time.perf_counter() - start
     per_task = {n: _task_result(TASKS[n], ln, out, hub) for n, ln in zip(names, lm_names, strict=True)}
+    if per_doc:
+        for n, ln in zip(names, lm_names, strict=True):
+            per_task[n]["docs"] = doc_outcomes(out["samples"][ln], TASKS[n].metric)
     protocol = _protocol(model, per_task, limit, batch_size, hub, lm_eval.__version__, describe or {})
     return {"protocol": protocol, "tasks": per_task, "summary": summarize(per_task),
             "seconds": round(seconds, 1)}
@@ -264,6 +272,17 @@ def _task_result(task: ZeroShotTask, lm_name: str, out: dict, hub: bool) -> dict
             "stderr": metrics.get(f"{task.metric}_stderr"), "samples": counts.get("effective"),
             "samples_total": counts.get("original"), "metrics": metrics, "lm_eval_task": lm_name,
             "source": "hub" if hub else task.source, "note": "" if hub else task.note}
+
+
+def doc_outcomes(samples: list[dict], metric: str) -> str:
+    """lm-eval's logged samples as one ``0``/``1`` character per document, by document id."""
+    marks = []
+    for sample in sorted(samples, key=lambda s: s["doc_id"]):
+        value = sample[metric]
+        if value not in (0, 1):
+            raise LayerfoldError(f"{metric} of document {sample['doc_id']} is {value!r}, not 0 or 1")
+        marks.append("1" if value else "0")
+    return "".join(marks)
 
 
 def summarize(per_task: dict[str, dict]) -> dict:

@@ -1,0 +1,127 @@
+"""Paired comparisons of zero-shot results: is one pruned model's lead over another more than noise?
+
+Two models scored on the same documents differ on fewer documents than two independent samples
+would, so their difference is measured far more tightly than each figure's own standard error
+suggests.  This reads rows written by ``benchmarks/quality.py --zs-docs`` (per-document outcomes)
+and, for each model, ratio and pair of configurations, reports the difference of the means with a
+95% paired bootstrap interval: documents are resampled within each task, the same documents for
+both configurations, and the task means recomputed (the mean over tasks weights tasks equally, as
+the papers' average does).
+
+    python benchmarks/zeroshot_paired.py --rows "SmolLM2-135M=benchmarks/results/zeroshot_docs/smol*.jsonl" \\
+        --against slm --key zeroshot
+
+``--key heldout`` compares the zero-shot validation tasks instead (``--zs-tasks heldout``), and
+``--rank`` prints their mean per configuration over every model and ratio given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def read(spec: str) -> tuple[str, list[dict]]:
+    """``LABEL=GLOB`` (``|OLD>NEW`` renames a configuration) -> the label and its rows with outcomes."""
+    label, _, rest = spec.partition("=")
+    pattern, _, rename = rest.partition("|")
+    old, _, new = rename.partition(">")
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise SystemExit(f"no files match {pattern}")
+    rows = []
+    for file in files:
+        for line in Path(file).read_text().splitlines():
+            row = json.loads(line)
+            if rename and row.get("config") == old:
+                row["config"] = new
+            if any(k.endswith("_docs") for k in row):
+                rows.append(row)
+    return label, rows
+
+
+def outcomes(row: dict, key: str, tasks: list[str]) -> list[np.ndarray]:
+    docs = row[f"{key}_docs"]
+    return [np.frombuffer(docs[t].encode(), dtype=np.uint8) - ord("0") for t in tasks]
+
+
+def paired(a: list[np.ndarray], b: list[np.ndarray], resamples: int, seed: int) -> tuple[float, float, float, float]:
+    """Mean over tasks of (a - b), its 95% bootstrap interval, and the share of resamples <= 0."""
+    rng = np.random.default_rng(seed)
+    diffs = [x.astype(np.float64) - y for x, y in zip(a, b, strict=True)]
+    total = np.zeros(resamples)
+    for d in diffs:
+        for lo in range(0, resamples, 100):  # chunks keep a 10k-document task's index matrix small
+            hi = min(lo + 100, resamples)
+            idx = rng.integers(0, len(d), size=(hi - lo, len(d)))
+            total[lo:hi] += d[idx].mean(axis=1)
+    total /= len(diffs)
+    point = float(np.mean([d.mean() for d in diffs]))
+    low, high = np.percentile(total, [2.5, 97.5])
+    return point, float(low), float(high), float((total <= 0).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", action="append", required=True, help="LABEL=GLOB of quality.py --zs-docs rows")
+    parser.add_argument("--key", choices=["zeroshot", "heldout"], default="zeroshot")
+    parser.add_argument("--against", default="slm", help="the configuration every other is compared with")
+    parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--rank", action="store_true", help="also the mean per configuration over all models/ratios")
+    args = parser.parse_args()
+
+    print(f"Paired bootstrap ({args.resamples} resamples, seed {args.seed}) of `{args.against}` minus each other "
+          f"configuration on the `{args.key}` tasks, points of accuracy; `P(<=0)` is the share of resamples in "
+          f"which `{args.against}` does not lead.\n")
+    means: dict[str, list[float]] = {}
+    for spec in args.rows:
+        label, rows = read(spec)
+        by = {(r["config"], r["ratio"]): r for r in rows if f"{args.key}_docs" in r}
+        for ratio in sorted({r for _, r in by if r > 0}):
+            if (args.against, ratio) not in by:
+                print(f"{label} {ratio:.0%}: no `{args.against}` row with outcomes\n")
+                continue
+            ref = by[(args.against, ratio)]
+            tasks = list(ref[f"{args.key}_docs"])
+            subsets = {"all": tasks}
+            if "boolq" in tasks:
+                subsets["w/o BoolQ"] = [t for t in tasks if t != "boolq"]
+            print(f"### {label}, {ratio:.0%} of layers removed ({args.key}: {', '.join(tasks)})\n")
+            head = " | ".join(f"{s} diff [95% CI] | P(<=0)" for s in subsets)
+            print(f"| other | {args.against} mean | other mean | {head} |")
+            print("|---" * (3 + 2 * len(subsets)) + "|")
+            others = [(c, r) for (c, r) in by if r in (ratio, 0.0) and c != args.against]
+            for config, r in sorted(others, key=lambda k: k[1]):
+                row = by[(config, r)]
+                if list(row[f"{args.key}_docs"]) != tasks or any(
+                        len(row[f"{args.key}_docs"][t]) != len(ref[f"{args.key}_docs"][t]) for t in tasks):
+                    print(f"| {config} | (different tasks or documents: not compared) |")
+                    continue
+                cells = []
+                for subset in subsets.values():
+                    a, b = outcomes(ref, args.key, subset), outcomes(row, args.key, subset)
+                    point, low, high, p = paired(a, b, args.resamples, args.seed)
+                    cells.append(f"{100 * point:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}] | {p:.3f}")
+                ref_mean = np.mean([x.mean() for x in outcomes(ref, args.key, tasks)])
+                other_mean = np.mean([x.mean() for x in outcomes(row, args.key, tasks)])
+                print(f"| {config} | {100 * ref_mean:.2f} | {100 * other_mean:.2f} | {' | '.join(cells)} |")
+            print()
+            for (config, r), row in by.items():
+                if r == ratio and list(row[f"{args.key}_docs"]) == tasks:
+                    means.setdefault(config, []).append(np.mean([x.mean() for x in outcomes(row, args.key, tasks)]))
+    if args.rank:
+        cells = len(max(means.values(), key=len))
+        print(f"### Mean `{args.key}` accuracy over every model and ratio given ({cells} cells)\n")
+        print("| configuration | cells | mean |\n|---|---|---|")
+        for config, vals in sorted(means.items(), key=lambda kv: -np.mean(kv[1])):
+            flag = "" if len(vals) == cells else " (not in every cell)"
+            print(f"| {config} | {len(vals)}{flag} | {100 * np.mean(vals):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
