@@ -34,9 +34,9 @@ from layerfold.methods.base import Target
 
 # name -> (method, options); the first block are SLM variants, then the baselines.  Variants measured
 # before rescale=kl became the default (session 4) pin rescale=none, and those of session 4 pin rescale=kl
-# (channels+kl is the default since session 5), so their names keep their meaning.
+# (channels+kl was the default in session 5, channels is from session 6), so their names keep their meaning.
 CONFIGS: dict[str, tuple[str, dict]] = {
-    "slm": ("slm", {}),  # the default: portfolio, base merge, cosine pick, rescale=channels+kl (from session 5)
+    "slm": ("slm", {}),  # the default: portfolio, base merge, cosine pick, rescale=channels (from session 6)
     "slm/no-rescale": ("slm", {"rescale": "none"}),  # the default of sessions 2-3 (rows named "slm" then)
     "slm/rescale-kl": ("slm", {"rescale": "kl"}),  # the default of session 4 (rows named "slm" then)
     "slm-paper": ("slm-paper", {}),
@@ -66,7 +66,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "slm/greedy+rescale": ("slm", {"selection": "greedy", "rescale": "kl"}),
     # session 5: per-channel factors fitted in closed form (channel_ridge 3), alone and before the grid factor
     "slm/channels": ("slm", {"rescale": "channels"}),
-    "slm/channels+kl": ("slm", {"rescale": "channels+kl"}),
+    "slm/channels+kl": ("slm", {"rescale": "channels+kl"}),  # the default of session 5 (rows named "slm" then)
     "slm/pick-kl+channels": ("slm", {"pick": "kl", "rescale": "channels"}),
     "slm/portfolio+refine": ("slm", {"selection": "portfolio", "refine": 3, "rescale": "none"}),
     "slm/greedy-loss+base": ("slm", {"selection": "greedy", "criterion": "loss", "rescale": "none"}),

@@ -10,9 +10,9 @@ the validation ranking that picks layerfold's default.
 Each ``--model LABEL=PATH`` names a folder of ``*.jsonl``, one file or a glob pattern; rows of the
 same configuration and ratio are merged (perplexity phase + zero-shot phase; later files win). A
 label may be given several times (its sources merge in order), and ``LABEL=PATH|OLD>NEW`` renames
-configuration OLD to NEW in that source. ``--same-plan LABEL:CONFIG@RATIO=OTHER`` shows, for a
-configuration whose plan was checked to equal OTHER's (same removed layers, same fused layers),
-OTHER's measured figures, marked as such in the table.
+configuration OLD to NEW in that source (``|A>B,C>D``: several at once). ``--same-plan
+LABEL:CONFIG@RATIO=OTHER`` shows, for a configuration whose plan was checked to equal OTHER's
+(same removed layers, same fused layers), OTHER's measured figures, marked as such in the table.
 Prints markdown (one table per model and ratio, one validation ranking per ``--rank`` list of
 labels, default all of them, then the ``--fullsets`` zero-shot table) and writes quality.json and
 quality.png into ``--out``.
@@ -47,17 +47,17 @@ def files_of(spec: str) -> list[Path]:
 
 def read_rows(spec: str) -> list[dict]:
     """The rows of the files at ``spec``; ``PATH|OLD>NEW`` renames configuration OLD to NEW in
-    them (rows measured before a default changed keep their meaning)."""
-    path, _, rename = spec.partition("|")
-    old, _, new = rename.partition(">")
+    them (rows measured before a default changed keep their meaning), ``PATH|A>B,C>D`` several at
+    once (each row renamed at most once, so two names can swap)."""
+    path, _, renames = spec.partition("|")
+    mapping = dict(pair.split(">", 1) for pair in renames.split(",")) if renames else {}
     rows = []
     for file in files_of(path):
         for line in file.read_text().splitlines():
             row = json.loads(line)
             if "config" not in row:
                 continue
-            if rename and row["config"] == old:
-                row["config"] = new
+            row["config"] = mapping.get(row["config"], row["config"])
             rows.append(row)
     return rows
 
@@ -105,8 +105,13 @@ def table(rows: dict, ratio: float, default: str) -> str:
 
 def fullsets_table(spec: str) -> str:
     """Zero-shot rows measured on the full task sets (every document), one per configuration and
-    ratio, with the number of documents checked."""
-    rows = [r for part in spec.split(";") for r in read_rows(part) if r.get("zeroshot")]
+    ratio (rows of the same one merged, later sources win), with the number of documents checked."""
+    merged: dict[tuple[str, float], dict] = {}
+    for part in spec.split(";"):
+        for r in read_rows(part):
+            if r.get("zeroshot"):
+                merged.setdefault((r["config"], r["ratio"]), {}).update({k: v for k, v in r.items() if v is not None})
+    rows = list(merged.values())
     lines = ["| method | ratio | layers | 7-task avg | avg w/o BoolQ | WikiText-2 @2048 | PTB @2048 | "
              + " | ".join(TASKS) + " |", "|" + "---|" * (7 + len(TASKS))]
     for r in sorted(rows, key=lambda r: (r["ratio"], -(r.get("zs/mean") or 0))):

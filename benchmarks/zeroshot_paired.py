@@ -11,37 +11,24 @@ the papers' average does).
     python benchmarks/zeroshot_paired.py --rows "SmolLM2-135M=benchmarks/results/zeroshot_docs/smol*.jsonl" \\
         --against slm --key zeroshot
 
-``--key heldout`` compares the zero-shot validation tasks instead (``--zs-tasks heldout``), and
-``--rank`` prints their mean per configuration over every model and ratio given.
+``--key heldout`` compares the zero-shot validation tasks instead (``--zs-tasks heldout``),
+``--per-task`` adds each configuration's accuracy per task, and ``--rank`` prints the mean per
+configuration over every model and ratio given.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
-import json
-from pathlib import Path
 
 import numpy as np
+from report_quality import read_rows
 
 
 def read(spec: str) -> tuple[str, list[dict]]:
-    """``LABEL=GLOB`` (``|OLD>NEW`` renames a configuration) -> the label and its rows with outcomes."""
+    """``LABEL=PATH`` (``report_quality.read_rows``: a folder, file or glob, ``|OLD>NEW`` renames)
+    -> the label and its rows with per-document outcomes."""
     label, _, rest = spec.partition("=")
-    pattern, _, rename = rest.partition("|")
-    old, _, new = rename.partition(">")
-    files = sorted(glob.glob(pattern))
-    if not files:
-        raise SystemExit(f"no files match {pattern}")
-    rows = []
-    for file in files:
-        for line in Path(file).read_text().splitlines():
-            row = json.loads(line)
-            if rename and row.get("config") == old:
-                row["config"] = new
-            if any(k.endswith("_docs") for k in row):
-                rows.append(row)
-    return label, rows
+    return label, [r for r in read_rows(rest) if any(k.endswith("_docs") for k in r)]
 
 
 def outcomes(row: dict, key: str, tasks: list[str]) -> list[np.ndarray]:
@@ -67,18 +54,20 @@ def paired(a: list[np.ndarray], b: list[np.ndarray], resamples: int, seed: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", action="append", required=True, help="LABEL=GLOB of quality.py --zs-docs rows")
+    parser.add_argument("--rows", action="append", required=True, help="LABEL=PATH of quality.py --zs-docs rows")
     parser.add_argument("--key", choices=["zeroshot", "heldout"], default="zeroshot")
     parser.add_argument("--against", default="slm", help="the configuration every other is compared with")
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--rank", action="store_true", help="also the mean per configuration over all models/ratios")
+    parser.add_argument("--per-task", action="store_true", help="also each configuration's accuracy per task")
     args = parser.parse_args()
 
     print(f"Paired bootstrap ({args.resamples} resamples, seed {args.seed}) of `{args.against}` minus each other "
           f"configuration on the `{args.key}` tasks, points of accuracy; `P(<=0)` is the share of resamples in "
           f"which `{args.against}` does not lead.\n")
-    means: dict[str, list[float]] = {}
+    means: dict[str, list[list[np.ndarray]]] = {}  # configuration -> per cell, its outcomes per task
+    pooled: dict[str, list[list[np.ndarray]]] = {}  # the reference's outcomes in the same cells
     for spec in args.rows:
         label, rows = read(spec)
         by = {(r["config"], r["ratio"]): r for r in rows if f"{args.key}_docs" in r}
@@ -111,16 +100,31 @@ def main() -> None:
                 other_mean = np.mean([x.mean() for x in outcomes(row, args.key, tasks)])
                 print(f"| {config} | {100 * ref_mean:.2f} | {100 * other_mean:.2f} | {' | '.join(cells)} |")
             print()
+            if args.per_task:
+                print(f"| configuration | mean | {' | '.join(tasks)} |\n" + "|---" * (2 + len(tasks)) + "|")
+                same = [k for k in by if k[1] in (ratio, 0.0) and list(by[k][f"{args.key}_docs"]) == tasks]
+                accs = {k: [100 * x.mean() for x in outcomes(by[k], args.key, tasks)] for k in same}
+                for key in sorted(same, key=lambda k: -np.mean(accs[k])):
+                    cells = " | ".join(f"{a:.1f}" for a in accs[key])
+                    print(f"| {key[0]} | {np.mean(accs[key]):.2f} | {cells} |")
+                print()
             for (config, r), row in by.items():
                 if r == ratio and list(row[f"{args.key}_docs"]) == tasks:
-                    means.setdefault(config, []).append(np.mean([x.mean() for x in outcomes(row, args.key, tasks)]))
+                    means.setdefault(config, []).append(outcomes(row, args.key, tasks))
+                    pooled.setdefault(config, []).append(outcomes(ref, args.key, tasks))
     if args.rank:
         cells = len(max(means.values(), key=len))
         print(f"### Mean `{args.key}` accuracy over every model and ratio given ({cells} cells)\n")
-        print("| configuration | cells | mean |\n|---|---|---|")
-        for config, vals in sorted(means.items(), key=lambda kv: -np.mean(kv[1])):
-            flag = "" if len(vals) == cells else " (not in every cell)"
-            print(f"| {config} | {len(vals)}{flag} | {100 * np.mean(vals):.2f} |")
+        print(f"Each cell's tasks weigh alike; `{args.against}` minus each, paired over the same cells.\n")
+        print(f"| configuration | cells | mean | {args.against} minus it [95% CI] | P(<=0) |\n|---|---|---|---|---|")
+        for config, groups in sorted(means.items(), key=lambda kv: -np.mean([x.mean() for g in kv[1] for x in g])):
+            flag = "" if len(groups) == cells else " (not in every cell)"
+            mine = [x for g in groups for x in g]
+            diff = "- | -"
+            if config != args.against:
+                point, low, high, p = paired([x for g in pooled[config] for x in g], mine, args.resamples, args.seed)
+                diff = f"{100 * point:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}] | {p:.3f}"
+            print(f"| {config} | {len(groups)}{flag} | {100 * np.mean([x.mean() for x in mine]):.2f} | {diff} |")
 
 
 if __name__ == "__main__":

@@ -561,9 +561,10 @@ class SlidingLayerMerging(Method):
     """Sliding Layer Merging (Zhu et al. 2025, arXiv 2502.19159), with layerfold's measured defaults.
 
     Defaults (chosen on PTB-valid perplexity over SmolLM2-135M and Gemma-3-270M at 20% and 35%,
-    benchmarks/results/quality.md): each window keeps its base layer (``merge="base"``), rescaled
-    channel by channel and then as a whole (``rescale="channels+kl"``, below), and the
-    windows are those of the best of several candidate plans (``selection="portfolio"``): the
+    benchmarks/results/quality.md; a tie there broken on zero-shot validation tasks): each window
+    keeps its base layer (``merge="base"``), rescaled channel by channel (``rescale="channels"``,
+    below), and the windows are those of the best of several candidate plans
+    (``selection="portfolio"``): the
     greedy fold (adjacent segments folded one pair at a time, each time the pair that keeps the
     final output closest in cosine to the original's), the optimal windows (dynamic programming on
     a local cost), the lowest block influence and the closest contiguous block in angle.  The
@@ -575,8 +576,8 @@ class SlidingLayerMerging(Method):
     ``"channels"`` fits one factor per output channel of each residual branch (attention, MLP) in
     closed form on the calibration activations, so that the kept layer's output approaches the
     original residual stream after the window (:meth:`SlmEngine.fit_channels`, ridge
-    ``channel_ridge`` towards 1); ``"kl"`` scales the whole layer by one factor per window, chosen
-    from a grid by that KL on the calibration tokens; ``"channels+kl"`` (the default) does both,
+    ``channel_ridge`` towards 1; the default); ``"kl"`` scales the whole layer by one factor per
+    window, chosen from a grid by that KL on the calibration tokens; ``"channels+kl"`` does both,
     in that order; ``"criterion"`` chooses the one factor by the criterion; ``"none"`` keeps the
     layer as it is.  The factors are stored in the plan's operations (``channel_scale``,
     ``branch_scale``) and baked into the weights by surgery, so the pruned model is a plain
@@ -599,7 +600,7 @@ class SlidingLayerMerging(Method):
     refine: int = Field(default=0, ge=0)
     refine_radius: int = Field(default=0, ge=0)
     pick: Literal["criterion", "kl"] = "criterion"
-    rescale: Rescale = "channels+kl"
+    rescale: Rescale = "channels"
     channel_ridge: float = Field(default=CHANNEL_RIDGE, ge=0)
 
     @model_validator(mode="after")

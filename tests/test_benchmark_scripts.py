@@ -1,0 +1,55 @@
+"""The report helpers of benchmarks/ that published figures go through: renaming configurations
+between sessions (report_quality.py) and the paired bootstrap of zero-shot outcomes
+(zeroshot_paired.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str):
+    sys.path.insert(0, str(BENCH))  # zeroshot_paired imports report_quality as the scripts do
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_renames_swap_two_configurations_and_full_sets_merge_by_configuration(tmp_path):
+    report = _script("report_quality")
+    seven = dict.fromkeys(report.TASKS, 0.5)
+    old = tmp_path / "old.jsonl"
+    old.write_text(json.dumps({"config": "slm", "ratio": 0.2, "zeroshot": seven, "ppl/ptb@2048": 99.0}) + "\n")
+    new = tmp_path / "new.jsonl"
+    new.write_text("\n".join(json.dumps(r) for r in [
+        {"config": "slm", "ratio": 0.2, "zeroshot": seven, "zs/mean": 0.5},
+        {"config": "slm/channels", "ratio": 0.2, "zeroshot": seven, "zs/mean": 0.6}]) + "\n")
+    rows = report.read_rows(f"{new}|slm>slm/channels+kl,slm/channels>slm")
+    assert [(r["config"], r["zs/mean"]) for r in rows] == [("slm/channels+kl", 0.5), ("slm", 0.6)]
+    table = report.fullsets_table(f"{old}|slm>slm/channels+kl;{new}|slm>slm/channels+kl,slm/channels>slm")
+    body = [line for line in table.splitlines() if line.startswith("| slm")]
+    assert len(body) == 2  # one row per configuration and ratio, not one per file
+    merged = next(line for line in body if line.startswith("| slm/channels+kl "))
+    assert "| 50.0 |" in merged and "| 99.0 |" in merged  # the later file's mean, the earlier one's perplexity
+
+
+def test_paired_bootstrap_of_identical_and_dominating_outcomes():
+    paired = _script("zeroshot_paired").paired
+    a = [np.array([1, 0, 1, 1, 0] * 40, dtype=np.uint8), np.array([0, 1] * 50, dtype=np.uint8)]
+    point, low, high, p = paired(a, a, resamples=200, seed=0)
+    assert (point, low, high, p) == (0.0, 0.0, 0.0, 1.0)
+    better = [np.ones_like(a[0]), a[1]]  # task 1: right everywhere; task 2: the same outcomes
+    point, low, high, p = paired(better, a, resamples=200, seed=0)
+    assert point == pytest.approx((1 - a[0].mean()) / 2)
+    assert 0 < low <= point <= high and p == 0.0
