@@ -53,3 +53,33 @@ def test_paired_bootstrap_of_identical_and_dominating_outcomes():
     point, low, high, p = paired(better, a, resamples=200, seed=0)
     assert point == pytest.approx((1 - a[0].mean()) / 2)
     assert 0 < low <= point <= high and p == 0.0
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_copy_probe_scores_only_the_second_copy(bos):
+    """A fake model that predicts each token of a row's second half from its first half (and nothing
+    right elsewhere) scores 100% and zero NLL loss against the probe; one shifted by a token, 0%."""
+    import torch
+
+    probe = _script("induction_probe")
+    length = 6
+    ids = torch.randint(10, 50, (5, length))
+    rows = torch.cat([torch.full((5, 1), 1) if bos else ids[:, :0], ids, ids], dim=1)
+    start = 1 + length if bos else length
+
+    class Copier(torch.nn.Module):
+        def __init__(self, shift: int):
+            super().__init__()
+            self.weight, self.shift = torch.nn.Parameter(torch.zeros(1)), shift
+
+        def forward(self, x):
+            logits = torch.full((*x.shape, 64), -30.0)
+            for t in range(x.shape[1]):  # the token `length` back, one ahead: right on the second copy only
+                src = t + 1 - length + self.shift
+                if 0 <= src < x.shape[1] and t >= start:
+                    logits[:, t].scatter_(1, x[:, src:src + 1], 30.0)
+            return type("Out", (), {"logits": logits})()
+
+    exact = probe.copy_scores(Copier(0), rows, batch=2)
+    assert exact["top1"] == 1.0 and exact["nll"] < 1e-6
+    assert probe.copy_scores(Copier(1), rows, batch=2)["top1"] < 0.5
