@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 
 import torch
-from induction_probe import copy_scores, probe_sequences
+from induction_probe import probe_sequences, record
 
 from layerfold import api
 from layerfold.data.tokens import CalibrationConfig, sample_windows
@@ -55,15 +54,9 @@ def main() -> None:
             api.apply_plan(loaded, result)
             ppl = perplexity(loaded.model, loaded.tokenizer, "ptb-valid", 128, bos=args.bos, batch_size=8,
                              max_windows=args.windows, progress=False).perplexity
-            row = {"variant": variant, "ratio": ratio, "plan": result.plan.summary(),
-                   "pick": result.plan.scores.get("portfolio_pick"), "prune_seconds": round(seconds, 1),
-                   "ppl/ptb-valid@128": ppl, "windows": args.windows}
-            for kind, ids in probes.items():
-                for metric, value in copy_scores(loaded.model, ids).items():
-                    row[f"{kind}/{metric}"] = value
-            with open(args.out, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
+            record({"variant": variant, "ratio": ratio, "plan": result.plan.summary(),
+                    "pick": result.plan.scores.get("portfolio_pick"), "prune_seconds": round(seconds, 1),
+                    "ppl/ptb-valid@128": ppl, "windows": args.windows}, loaded.model, probes, args.out)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,16 @@ def copy_scores(model, ids: torch.Tensor, batch: int = 16) -> dict[str, float]:
     return {"nll": nll / count, "top1": hits / count}
 
 
+def record(row: dict, model, probes: dict[str, torch.Tensor], out: str) -> None:
+    """``row`` with ``model``'s copy scores on each probe, appended to ``out`` as a JSON line and printed."""
+    for kind, ids in probes.items():
+        for metric, value in copy_scores(model, ids).items():
+            row[f"{kind}/{metric}"] = value
+    with open(out, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
 def table(path: str) -> str:
     """A markdown table of the rows in ``path`` (this script's or copy_calibration.py's)."""
     rows = [json.loads(line) for line in open(path)]
@@ -127,14 +137,8 @@ def main() -> None:
                 result = with_channels(loaded, result, tokens)
             api.apply_plan(loaded, result)
             plan = result.plan.summary()
-        row = {"config": name, "ratio": ratio, "plan": plan, "seconds": round(time.perf_counter() - t0, 1),
-               "samples": args.samples, "length": args.length, "seed": args.seed}
-        for kind, ids in probes.items():
-            for metric, value in copy_scores(loaded.model, ids).items():
-                row[f"{kind}/{metric}"] = value
-        with open(args.out, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
+        record({"config": name, "ratio": ratio, "plan": plan, "seconds": round(time.perf_counter() - t0, 1),
+                "samples": args.samples, "length": args.length, "seed": args.seed}, loaded.model, probes, args.out)
         del loaded
 
 

@@ -89,7 +89,8 @@ WITH_CHANNELS = ("shortgpt+channels", "sleb+channels")
 PPL = [("wikitext2", 128), ("ptb", 128), ("lambada", 128), ("ptb-valid", 128), ("wikitext2", 2048), ("ptb", 2048)]
 
 
-def measure(loaded, args, zeroshot: bool = False, lengths: tuple[int, ...] = (128,)) -> dict:
+def measure(loaded, args, lengths: tuple[int, ...] = (128,)) -> dict:
+    """The perplexities of ``loaded`` on the texts of PPL at ``lengths``."""
     row: dict = {}
     for source, seq_len in PPL:
         if seq_len not in lengths or (args.sources and source not in args.sources.split(",")):
@@ -101,8 +102,6 @@ def measure(loaded, args, zeroshot: bool = False, lengths: tuple[int, ...] = (12
         except Exception as exc:  # a missing source must not lose the row
             row[f"ppl/{source}@{seq_len}"] = None
             row.setdefault("errors", []).append(f"{source}@{seq_len}: {exc}")
-    if zeroshot:
-        row.update(zeroshot_row(loaded, args))
     return row
 
 
@@ -205,7 +204,7 @@ def main() -> None:
     valid: dict[str, list[float]] = {}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if not args.no_dense:
-        emit({"config": "dense", "ratio": 0.0, "layers": n, "phase": "ppl", **measure(base, args, False)})
+        emit({"config": "dense", "ratio": 0.0, "layers": n, "phase": "ppl", **measure(base, args)})
     for name in names:
         method, options = CONFIGS[name]
         for ratio in ratios:
@@ -224,7 +223,7 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             plans[(name, ratio)] = result
             api.apply_plan(loaded, result)
-            row = measure(loaded, args, False)
+            row = measure(loaded, args)
             valid.setdefault(name, []).append(row.get("ppl/ptb-valid@128") or float("inf"))
             emit({"config": name, "ratio": ratio, "layers": result.plan.num_layers_after, "phase": "ppl",
                   "plan": result.plan.summary(), "prune_seconds": seconds, **row})
@@ -256,7 +255,7 @@ def main() -> None:
                 api.apply_plan(loaded, plans[(name, ratio)])
                 layers = plans[(name, ratio)].plan.num_layers_after
             zs = zeroshot_row(loaded, args)
-            long = measure(loaded, args, False, lengths=(2048,)) if args.long else {}
+            long = measure(loaded, args, lengths=(2048,)) if args.long else {}
             emit({"config": name, "ratio": ratio, "layers": layers,
                   "phase": "zeroshot" if "zeroshot" in zs else "heldout", **long, **zs})
             del loaded

@@ -8,7 +8,7 @@ and, for each model, ratio and pair of configurations, reports the difference of
 both configurations, and the task means recomputed (the mean over tasks weights tasks equally, as
 the papers' average does).
 
-    python benchmarks/zeroshot_paired.py --rows "SmolLM2-135M=benchmarks/results/zeroshot_docs/smol*.jsonl" \\
+    python benchmarks/zeroshot_paired.py --rows "SmolLM2-135M=benchmarks/results/session6/smol/zeroshot7-*.jsonl" \\
         --against slm --key zeroshot
 
 ``--key heldout`` compares the zero-shot validation tasks instead (``--zs-tasks heldout``),
@@ -52,6 +52,17 @@ def paired(a: list[np.ndarray], b: list[np.ndarray], resamples: int, seed: int) 
     return point, float(low), float(high), float((total <= 0).mean())
 
 
+def mean_accuracy(per_task: list[np.ndarray]) -> float:
+    """The plain mean over tasks of each task's accuracy (tasks weigh alike)."""
+    return float(np.mean([x.mean() for x in per_task]))
+
+
+def compared(a: list[np.ndarray], b: list[np.ndarray], args) -> str:
+    """Table cells of :func:`paired`: the difference in points with its interval, then P(<=0)."""
+    point, low, high, p = paired(a, b, args.resamples, args.seed)
+    return f"{100 * point:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}] | {p:.3f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", action="append", required=True, help="LABEL=PATH of quality.py --zs-docs rows")
@@ -91,19 +102,15 @@ def main() -> None:
                         len(row[f"{args.key}_docs"][t]) != len(ref[f"{args.key}_docs"][t]) for t in tasks):
                     print(f"| {config} | (different tasks or documents: not compared) |")
                     continue
-                cells = []
-                for subset in subsets.values():
-                    a, b = outcomes(ref, args.key, subset), outcomes(row, args.key, subset)
-                    point, low, high, p = paired(a, b, args.resamples, args.seed)
-                    cells.append(f"{100 * point:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}] | {p:.3f}")
-                ref_mean = np.mean([x.mean() for x in outcomes(ref, args.key, tasks)])
-                other_mean = np.mean([x.mean() for x in outcomes(row, args.key, tasks)])
+                cells = [compared(outcomes(ref, args.key, subset), outcomes(row, args.key, subset), args)
+                         for subset in subsets.values()]
+                ref_mean, other_mean = (mean_accuracy(outcomes(r, args.key, tasks)) for r in (ref, row))
                 print(f"| {config} | {100 * ref_mean:.2f} | {100 * other_mean:.2f} | {' | '.join(cells)} |")
             print()
             if args.per_task:
                 print(f"| configuration | mean | {' | '.join(tasks)} |\n" + "|---" * (2 + len(tasks)) + "|")
                 same = [k for k in by if k[1] in (ratio, 0.0) and list(by[k][f"{args.key}_docs"]) == tasks]
-                accs = {k: [100 * x.mean() for x in outcomes(by[k], args.key, tasks)] for k in same}
+                accs = {k: [100 * x.mean() for x in outcomes(by[k], args.key, tasks)] for k in same}  # per task
                 for key in sorted(same, key=lambda k: -np.mean(accs[k])):
                     cells = " | ".join(f"{a:.1f}" for a in accs[key])
                     print(f"| {key[0]} | {np.mean(accs[key]):.2f} | {cells} |")
@@ -117,14 +124,12 @@ def main() -> None:
         print(f"### Mean `{args.key}` accuracy over every model and ratio given ({cells} cells)\n")
         print(f"Each cell's tasks weigh alike; `{args.against}` minus each, paired over the same cells.\n")
         print(f"| configuration | cells | mean | {args.against} minus it [95% CI] | P(<=0) |\n|---|---|---|---|---|")
-        for config, groups in sorted(means.items(), key=lambda kv: -np.mean([x.mean() for g in kv[1] for x in g])):
-            flag = "" if len(groups) == cells else " (not in every cell)"
-            mine = [x for g in groups for x in g]
-            diff = "- | -"
-            if config != args.against:
-                point, low, high, p = paired([x for g in pooled[config] for x in g], mine, args.resamples, args.seed)
-                diff = f"{100 * point:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}] | {p:.3f}"
-            print(f"| {config} | {len(groups)}{flag} | {100 * np.mean([x.mean() for x in mine]):.2f} | {diff} |")
+        flat = {config: [x for g in groups for x in g] for config, groups in means.items()}
+        for config in sorted(flat, key=lambda c: -mean_accuracy(flat[c])):
+            flag = "" if len(means[config]) == cells else " (not in every cell)"
+            diff = "- | -" if config == args.against else compared(
+                [x for g in pooled[config] for x in g], flat[config], args)
+            print(f"| {config} | {len(means[config])}{flag} | {100 * mean_accuracy(flat[config]):.2f} | {diff} |")
 
 
 if __name__ == "__main__":
