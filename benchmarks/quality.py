@@ -83,8 +83,12 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     # correction alone?); benchmark-only, see with_channels
     "shortgpt+channels": ("shortgpt", {}),
     "sleb+channels": ("sleb", {}),
+    # session 7: the default planned on copy-aware calibration (copying.md): each calibration window also
+    # shown as its own first half twice, the same tokens (copy_calibration.with_repeats); benchmark-only
+    "slm/books+repeats": ("slm", {}),
 }
 WITH_CHANNELS = ("shortgpt+channels", "sleb+channels")
+CALIB_REPEATS = ("slm/books+repeats",)
 
 PPL = [("wikitext2", 128), ("ptb", 128), ("lambada", 128), ("ptb-valid", 128), ("wikitext2", 2048), ("ptb", 2048)]
 
@@ -150,6 +154,16 @@ def with_channels(loaded, result, tokens):
     return PlanResult(new, {})
 
 
+def calibration_for(name: str, tokens: torch.Tensor) -> torch.Tensor:
+    """The calibration tokens configuration ``name`` plans on: ``tokens``, or for CALIB_REPEATS the
+    copy-aware set of copy_calibration.py (each window followed by its first half twice)."""
+    if name in CALIB_REPEATS:
+        from copy_calibration import with_repeats
+
+        return with_repeats(tokens)
+    return tokens
+
+
 BASELINES = ["shortgpt", "sleb", "angular", "laco", "shortened-ppl", "shortened-taylor", "last-n"]
 ALWAYS_ZEROSHOT = ["slm", "slm-paper", "slm-reference", *BASELINES]
 
@@ -212,7 +226,7 @@ def main() -> None:
             t0 = time.perf_counter()
             try:
                 result = api.make_plan(loaded, method, Target(ratio=ratio), calib, options, progress=False,
-                                       tokens=tokens)
+                                       tokens=calibration_for(name, tokens))
                 if name in WITH_CHANNELS:
                     result = with_channels(loaded, result, tokens)
             except Exception as exc:
@@ -249,7 +263,7 @@ def main() -> None:
                 if (name, ratio) not in plans:
                     method, options = CONFIGS[name]
                     plans[(name, ratio)] = api.make_plan(loaded, method, Target(ratio=ratio), calib, options,
-                                                         progress=False, tokens=tokens)
+                                                         progress=False, tokens=calibration_for(name, tokens))
                     if name in WITH_CHANNELS:
                         plans[(name, ratio)] = with_channels(loaded, plans[(name, ratio)], tokens)
                 api.apply_plan(loaded, plans[(name, ratio)])

@@ -83,3 +83,22 @@ def test_copy_probe_scores_only_the_second_copy(bos):
     exact = probe.copy_scores(Copier(0), rows, batch=2)
     assert exact["top1"] == 1.0 and exact["nll"] < 1e-6
     assert probe.copy_scores(Copier(1), rows, batch=2)["top1"] < 0.5
+
+
+def test_copy_aware_calibration_repeats_each_windows_first_half():
+    """quality.py's `slm/books+repeats` plans on the calibration windows followed by each window's
+    first half shown twice (no new text); every other configuration on the windows as given."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))  # quality.calibration_for imports copy_calibration as the scripts do
+    try:
+        quality = _script("quality")
+        tokens = torch.arange(40).reshape(4, 10)
+        repeated = quality.calibration_for("slm/books+repeats", tokens)
+        plain = quality.calibration_for("slm", tokens)
+    finally:
+        sys.path.remove(str(BENCH))
+    assert plain is tokens
+    assert repeated.shape == (8, 10) and torch.equal(repeated[:4], tokens)
+    assert torch.equal(repeated[4:, :5], tokens[:, :5]) and torch.equal(repeated[4:, 5:], tokens[:, :5])
+    assert set(repeated.unique().tolist()) == set(tokens.unique().tolist())  # no new text
