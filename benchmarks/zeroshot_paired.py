@@ -11,6 +11,7 @@ the papers' average does).
     python benchmarks/zeroshot_paired.py --rows "SmolLM2-135M=benchmarks/results/session6/smol/zeroshot7-*.jsonl" \\
         --against slm --key zeroshot
 
+``PATH`` may join several sessions' files with ``;`` (``A/*.jsonl|slm>slm/old;B/*.jsonl``).
 ``--key heldout`` compares the zero-shot validation tasks instead (``--zs-tasks heldout``),
 ``--per-task`` adds each configuration's accuracy per task, and ``--rank`` prints the mean per
 configuration over every model and ratio given.
@@ -25,10 +26,11 @@ from report_quality import read_rows
 
 
 def read(spec: str) -> tuple[str, list[dict]]:
-    """``LABEL=PATH`` (``report_quality.read_rows``: a folder, file or glob, ``|OLD>NEW`` renames)
-    -> the label and its rows with per-document outcomes."""
+    """``LABEL=PATH`` (``report_quality.read_rows``: a folder, file or glob, ``|OLD>NEW`` renames;
+    several such paths joined by ``;``, each with its own renames) -> the label and its rows with
+    per-document outcomes."""
     label, _, rest = spec.partition("=")
-    return label, [r for r in read_rows(rest) if any(k.endswith("_docs") for k in r)]
+    return label, [r for part in rest.split(";") for r in read_rows(part) if any(k.endswith("_docs") for k in r)]
 
 
 def outcomes(row: dict, key: str, tasks: list[str]) -> list[np.ndarray]:
