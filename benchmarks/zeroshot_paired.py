@@ -90,6 +90,10 @@ def main() -> None:
                 continue
             ref = by[(args.against, ratio)]
             tasks = list(ref[f"{args.key}_docs"])
+            others = [(c, r) for (c, r) in by if r in (ratio, 0.0) and c != args.against]
+            if not others:
+                print(f"{label} {ratio:.0%}: no other configuration with outcomes to compare with\n")
+                continue
             subsets = {"all": tasks}
             if "boolq" in tasks:
                 subsets["w/o BoolQ"] = [t for t in tasks if t != "boolq"]
@@ -97,7 +101,6 @@ def main() -> None:
             head = " | ".join(f"{s} diff [95% CI] | P(<=0)" for s in subsets)
             print(f"| other | {args.against} mean | other mean | {head} |")
             print("|---" * (3 + 2 * len(subsets)) + "|")
-            others = [(c, r) for (c, r) in by if r in (ratio, 0.0) and c != args.against]
             for config, r in sorted(others, key=lambda k: k[1]):
                 row = by[(config, r)]
                 if list(row[f"{args.key}_docs"]) != tasks or any(
