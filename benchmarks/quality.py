@@ -86,6 +86,9 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     # session 7: the default planned on copy-aware calibration (copying.md): each calibration window also
     # shown as its own first half twice, the same tokens (copy_calibration.with_repeats); benchmark-only
     "slm/books+repeats": ("slm", {}),
+    # session 7: the library's selection=influence builds shortgpt+channels' plans (the same windows, channel
+    # factors within 1e-7: the plan's six-decimal rounding); shortgpt+channels names the rows measured
+    "slm/influence": ("slm", {"selection": "influence"}),
 }
 WITH_CHANNELS = ("shortgpt+channels", "sleb+channels")
 CALIB_REPEATS = ("slm/books+repeats",)

@@ -232,6 +232,26 @@ def test_portfolio_keeps_the_best_scoring_candidate(pick):
     assert result.plan.num_layers_after == 7
 
 
+@pytest.mark.parametrize("seed", [4, 7])  # ShortGPT drops 6-8 (one window) and 5, 8-9 (two)
+def test_influence_selection_folds_shortgpts_layers_with_the_channel_correction(seed):
+    """selection=influence removes the layers ShortGPT removes, each run folded into the kept layer
+    below it with per-channel factors; it needs a size."""
+    from layerfold.methods.slm import removed_layers
+
+    model, toks = tiny_llama(layers=10, seed=seed), tokens()
+    result = api.make_plan(wrap_model(model), "slm", Target(layers=7), options={"selection": "influence"},
+                           tokens=toks, progress=False)
+    shortgpt = api.make_plan(wrap_model(model), "shortgpt", Target(layers=7), tokens=toks, progress=False)
+    gone = set(range(10)) - set(shortgpt.plan.kept_sources())
+    assert 0 not in gone  # (layer 0 has no layer below to fold into; selection=influence never removes it)
+    assert result.plan.num_layers_after == 7 and result.plan.scores["selection"] == "influence"
+    assert removed_layers(result.plan.windows()) == gone
+    assert all(op.kind == "fuse" and "channel_scale" in op.detail for op in result.plan.operations)
+    with pytest.raises(LayerfoldError, match="aims at a size"):
+        api.make_plan(wrap_model(model), "slm", options={"selection": "influence", "threshold": 0.9}, tokens=toks,
+                      progress=False)
+
+
 def test_portfolio_picks_by_the_criterion_by_default():
     from layerfold.methods.base import make_method
 
@@ -271,7 +291,7 @@ def test_refine_and_portfolio_need_plans_of_removed_layers(options):
     with pytest.raises(LayerfoldError, match="merge=base|output-cosine"):
         api.make_plan(wrap_model(tiny_llama()), "slm", Target(layers=5), options=options, tokens=tokens(),
                       progress=False)
-    with pytest.raises(LayerfoldError, match="aim at a size"):
+    with pytest.raises(LayerfoldError, match="aims at a size"):
         api.make_plan(wrap_model(tiny_llama()), "slm", options={"refine": 1, "threshold": 0.9}, tokens=tokens(),
                       progress=False)
 

@@ -540,17 +540,23 @@ class SlmEngine:
         return best_t, best
 
 
+def influence_removal(cache: LayerCache, budget: int) -> set[int]:
+    """The ``budget`` layers of lowest block influence (ShortGPT's choice), layer 0 kept: each run of
+    them is then folded into the kept layer below it."""
+    return set(lowest({i: v for i, v in block_influence(cache).items() if i > 0}, budget))
+
+
 def portfolio_candidates(engine: SlmEngine, cache: LayerCache, budget: int, max_window: int = 8,
                          progress: bool = True) -> dict[str, set[int]]:
     """Plans of removed layers (layer 0 always kept) from four selectors: the greedy fold, the
     optimal windows, the lowest block influence and the closest contiguous block in angle."""
-    influence = {i: v for i, v in block_influence(cache).items() if i > 0}
+    influence = influence_removal(cache, budget)
     distance = {lo: v for lo, v in block_distances(cache, budget).items() if lo > 0}
     block = min(distance, key=lambda lo: (distance[lo], lo))
     candidates = {
         "greedy": removed_layers(engine.greedy(budget, progress=progress).windows),
         "optimal": removed_layers(engine.optimal(budget, max_window, progress=progress).windows),
-        "block-influence": set(lowest(influence, budget)),
+        "block-influence": influence,
         "angular-block": set(range(block, block + budget)),
     }
     return {name: r for name, r in candidates.items() if 0 not in r}
@@ -583,12 +589,16 @@ class SlidingLayerMerging(Method):
     ``branch_scale``) and baked into the weights by surgery, so the pruned model is a plain
     checkpoint.
     ``selection="greedy"`` and ``"optimal"`` run one selector; ``refine=N`` adds a swap search.
+    ``selection="influence"`` takes the layers of lowest block influence (ShortGPT's choice), each run
+    folded into the kept layer below and rescaled as above: on multiple-choice validation tasks it
+    beats the default (43.45 against 42.41 over both models and ratios) at a validation perplexity 43%
+    higher (quality.md).
     The paper's procedure is ``slm-paper``; the authors' code, ``slm-reference``.
     """
 
     name: ClassVar[str] = "slm"
     needs_target: ClassVar[bool] = False
-    selection: Literal["sliding", "greedy", "optimal", "portfolio"] = "portfolio"
+    selection: Literal["sliding", "greedy", "optimal", "portfolio", "influence"] = "portfolio"
     criterion: Literal["output-cosine", "cka-linear", "cka-rbf", "angular", "loss"] = "output-cosine"
     merge: str = "base"
     norms: Literal["base", "merge"] = "base"
@@ -631,6 +641,10 @@ class SlidingLayerMerging(Method):
             run = engine.greedy(budget, progress=ctx.progress)
         elif self.selection == "optimal":
             run = engine.optimal(budget, self.max_window, progress=ctx.progress)
+        elif self.selection == "influence":
+            removed = influence_removal(ctx.cache, budget)
+            windows = windows_of(removed)
+            run = SlmRun(windows=windows, scores=dict.fromkeys(windows, engine.score_removal(removed)))
         elif budget is None:
             run = engine.run(self.threshold)
         else:
@@ -704,9 +718,9 @@ class SlidingLayerMerging(Method):
                                                                or self.norms != "base"):
             raise LayerfoldError("refine and selection=portfolio search plans of removed layers: they need "
                                  "merge=base, norms=base and fit=none")
-        if (self.refine or self.selection == "portfolio") and budget is None:
-            raise LayerfoldError("refine and selection=portfolio aim at a size: give --target-layers, --ratio "
-                                 "or --param-ratio")
+        if (self.refine or self.selection in ("portfolio", "influence")) and budget is None:
+            raise LayerfoldError(f"{'refine' if self.refine else 'selection=' + self.selection} aims at a size: give "
+                                 "--target-layers, --ratio or --param-ratio")
         if self.selection == "portfolio" and self.criterion not in ("output-cosine", "loss"):
             raise LayerfoldError("selection=portfolio scores the model's output: use criterion output-cosine or loss")
         if self.rescale == "criterion" and self.criterion not in ("output-cosine", "loss"):
