@@ -102,3 +102,35 @@ def test_copy_aware_calibration_repeats_each_windows_first_half():
     assert repeated.shape == (8, 10) and torch.equal(repeated[:4], tokens)
     assert torch.equal(repeated[4:, :5], tokens[:, :5]) and torch.equal(repeated[4:, 5:], tokens[:, :5])
     assert set(repeated.unique().tolist()) == set(tokens.unique().tolist())  # no new text
+
+
+def test_mc_predictor_measures_of_a_model_against_itself_and_rank_correlation():
+    """mc_predictors.py: a model measured against itself agrees everywhere with KL 0, and the best
+    temperature never scores worse than T=1; Spearman is +1/-1 for monotone orders, ties averaged."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        mc = _script("mc_predictors")
+    finally:
+        sys.path.remove(str(BENCH))
+    torch.manual_seed(0)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(20, 20)
+
+        def forward(self, ids):
+            return type("Out", (), {"logits": 3 * self.emb(ids)})()
+
+    model, ids = Tiny(), torch.randint(0, 20, (5, 9))
+    same = mc.measures(model, model, ids, bos=False, batch_size=2)
+    assert same["agree"] == 1.0 and same["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert same["nll_t"] <= same["nll"] and same["tokens"] == 5 * 8
+    other = Tiny()
+    diff = mc.measures(other, model, ids, bos=False, batch_size=2)
+    assert diff["kl"] > 0 and diff["agree"] < 1.0
+    assert mc.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert mc.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert mc.spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0)

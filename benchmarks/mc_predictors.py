@@ -1,0 +1,175 @@
+"""Which cheap measure on validation text orders pruned models as multiple-choice accuracy does?
+
+The default is chosen on PTB-valid perplexity, and on the zero-shot validation tasks ShortGPT's plans
+beat it while their perplexity is far worse (quality.md); at Gemma 20% Angular, which drops the last
+four layers, has the best validation accuracy and a perplexity 60 times the default's. A criterion
+that tracked multiple-choice accuracy could pick plans for it. This script measures, for the plans
+of several configurations (the same plans as benchmarks/quality.py builds) on the first ``--windows``
+128-token windows of PTB valid:
+
+- ``nll``: the mean next-token NLL (log of the perplexity);
+- ``nll_t``: the NLL after the best single temperature on the logits (grid 0.5-3), the part of the
+  loss a miscalibrated scale explains away (a choice between answers hardly depends on it);
+- ``top1``: the share of tokens where the pruned model's first choice is the text's token;
+- ``agree``: the share where it is the dense model's first choice;
+- ``kl``: KL(dense || pruned) of the next-token distributions.
+
+``--report`` joins these rows with the per-cell zero-shot validation means of quality.py rows and
+prints, per model and ratio, the Spearman correlation of each measure with the held-out mean across
+the plans (a measure where lower is better is negated first, so +1 means "orders plans as the
+validation tasks do").
+
+    python benchmarks/mc_predictors.py --windows 40 --out benchmarks/results/mc_predictors.jsonl
+    python benchmarks/mc_predictors.py --model GEMMA_FOLDER --bos --windows 30 --out ...
+    python benchmarks/mc_predictors.py --report benchmarks/results/mc_predictors.jsonl \\
+        --heldout "SmolLM2-135M=ROWS..." --heldout "Gemma-3-270M=ROWS..."
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+
+import torch
+
+TEMPERATURES = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.15, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0]
+MEASURES = {"nll": -1, "nll_t": -1, "top1": 1, "agree": 1, "kl": -1}  # sign: +1 when higher is better
+CONFIGS = "slm,slm/channels+kl,slm/books+repeats,shortgpt,shortgpt+channels,sleb,angular"
+
+
+@torch.no_grad()
+def measures(model, dense, windows: torch.Tensor, bos: bool, batch_size: int) -> dict:
+    """The measures above for ``model`` against ``dense`` on ``windows`` (all tokens after the first
+    scored; with BOS first, every text token)."""
+    nll_t = torch.zeros(len(TEMPERATURES), dtype=torch.float64)
+    top1 = agree = kl = 0.0
+    count = 0
+    for start in range(0, len(windows), batch_size):
+        ids = windows[start:start + batch_size]
+        logits = model(ids).logits[:, :-1].float()
+        ref = torch.log_softmax(dense(ids).logits[:, :-1].float(), dim=-1)
+        target = ids[:, 1:]
+        for k, t in enumerate(TEMPERATURES):
+            logp = torch.log_softmax(logits / t, dim=-1)
+            nll_t[k] -= logp.gather(-1, target.unsqueeze(-1)).sum().double()
+        logp = torch.log_softmax(logits, dim=-1)
+        first = logits.argmax(-1)
+        top1 += (first == target).sum().item()
+        agree += (first == ref.argmax(-1)).sum().item()
+        kl += (ref.exp() * (ref - logp)).sum().item()
+        count += target.numel()
+    best = int(torch.argmin(nll_t))
+    return {"nll": nll_t[TEMPERATURES.index(1.0)].item() / count, "nll_t": nll_t[best].item() / count,
+            "temperature": TEMPERATURES[best], "top1": top1 / count, "agree": agree / count, "kl": kl / count,
+            "tokens": count}
+
+
+def run(args) -> None:
+    from quality import CONFIGS as QUALITY_CONFIGS
+    from quality import WITH_CHANNELS, calibration_for, with_channels
+
+    from layerfold import api
+    from layerfold.data.sources import load_text
+    from layerfold.data.tokens import CalibrationConfig, sample_windows, token_stream
+    from layerfold.evaluate.perplexity import windows_from_stream
+    from layerfold.methods.base import Target
+
+    base = api.load_model(args.model)
+    bos_id = base.tokenizer.bos_token_id if args.bos else None
+    windows = windows_from_stream(token_stream(base.tokenizer, load_text("ptb-valid")), 128, bos_id, args.windows)
+    calib = CalibrationConfig(source="books", samples=10, seq_len=128, seed=1234)
+    tokens = sample_windows(base.tokenizer, calib)
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        for name in args.configs.split(","):
+            method, options = QUALITY_CONFIGS[name]
+            loaded = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            result = api.make_plan(loaded, method, Target(ratio=ratio), calib, options, progress=False,
+                                   tokens=calibration_for(name, tokens))
+            if name in WITH_CHANNELS:
+                result = with_channels(loaded, result, tokens)
+            api.apply_plan(loaded, result)
+            row = {"config": name, "ratio": ratio, "plan": result.plan.summary(), "windows": len(windows),
+                   **measures(loaded.model, base.model, windows, args.bos, args.batch_size),
+                   "seconds": round(time.perf_counter() - t0, 1)}
+            with open(args.out, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+            del loaded
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+    def ranks(x):
+        order = sorted(range(len(x)), key=lambda i: x[i])
+        r = [0.0] * len(x)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    var = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+    return cov / var if var else float("nan")
+
+
+def report(args) -> None:
+    """Per model and ratio: each plan's measures beside its held-out mean, and each measure's Spearman
+    correlation with the held-out mean across the plans."""
+    from zeroshot_paired import mean_accuracy, outcomes, read
+
+    pooled: dict[str, list[float]] = {m: [] for m in MEASURES}
+    for spec, path in zip(args.heldout, args.report, strict=True):
+        label, rows = read(spec)
+        held = {(r["config"], r["ratio"]): 100 * mean_accuracy(outcomes(r, "heldout", list(r["heldout_docs"])))
+                for r in rows if "heldout_docs" in r}
+        mine = [json.loads(line) for line in open(path) if line.strip()]
+        for ratio in sorted({r["ratio"] for r in mine}):
+            cell = [r for r in mine if r["ratio"] == ratio and (r["config"], ratio) in held]
+            print(f"#### {label}, {ratio:.0%} of layers removed ({cell[0]['windows']} PTB-valid windows)\n")
+            print("| configuration | held-out mean | perplexity | NLL | NLL at best T (T) | top-1 | agrees with dense "
+                  "| KL |\n|---|---|---|---|---|---|---|---|")
+            for r in sorted(cell, key=lambda r: -held[(r["config"], ratio)]):
+                print(f"| {r['config']} | {held[(r['config'], ratio)]:.2f} | {math.exp(r['nll']):.1f} | {r['nll']:.3f} "
+                      f"| {r['nll_t']:.3f} ({r['temperature']}) | {100 * r['top1']:.1f} | {100 * r['agree']:.1f} "
+                      f"| {r['kl']:.3f} |")
+            acc = [held[(r["config"], ratio)] for r in cell]
+            cors = {m: spearman([s * r[m] for r in cell], acc) for m, s in MEASURES.items()}
+            for m, c in cors.items():
+                pooled[m].append(c)
+            print("\nSpearman with the held-out mean (+1: orders the plans as the validation tasks do): "
+                  + ", ".join(f"{m} {c:+.2f}" for m, c in cors.items()) + "\n")
+    print("Mean Spearman over the cells: " + ", ".join(f"{m} {sum(v) / len(v):+.2f}" for m, v in pooled.items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--bos", action="store_true")
+    parser.add_argument("--ratios", default="0.2,0.35")
+    parser.add_argument("--configs", default=CONFIGS)
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--out", help="append one JSON row per plan here")
+    parser.add_argument("--report", action="append", help="rows written by --out (one per --heldout, same order)")
+    parser.add_argument("--heldout", action="append", help="LABEL=PATH of quality.py --zs-tasks heldout rows")
+    args = parser.parse_args()
+    if args.report:
+        report(args)
+    elif args.out:
+        run(args)
+    else:
+        parser.error("give --out (measure) or --report with --heldout (compare)")
+
+
+if __name__ == "__main__":
+    main()
