@@ -592,7 +592,7 @@ class SlidingLayerMerging(Method):
     ``selection="influence"`` takes the layers of lowest block influence (ShortGPT's choice), each run
     folded into the kept layer below and rescaled as above: on multiple-choice validation tasks it
     beats the default (43.45 against 42.41 over both models and ratios) at a validation perplexity 43%
-    higher (quality.md).
+    higher, but on SmolLM2's seven reported tasks it is only level without BoolQ (quality.md).
     The paper's procedure is ``slm-paper``; the authors' code, ``slm-reference``.
     """
 
