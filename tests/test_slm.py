@@ -286,7 +286,8 @@ def test_output_kl_matches_the_models_own_logits():
 
 
 @pytest.mark.parametrize("options", [{"refine": 2, "merge": "diff"}, {"selection": "portfolio", "fit": "ridge"},
-                                     {"selection": "portfolio", "criterion": "cka-linear"}])
+                                     {"selection": "portfolio", "criterion": "cka-linear"},
+                                     {"selection": "influence", "merge": "mean"}])
 def test_refine_and_portfolio_need_plans_of_removed_layers(options):
     with pytest.raises(LayerfoldError, match="merge=base|output-cosine"):
         api.make_plan(wrap_model(tiny_llama()), "slm", Target(layers=5), options=options, tokens=tokens(),

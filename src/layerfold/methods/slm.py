@@ -714,10 +714,10 @@ class SlidingLayerMerging(Method):
             raise LayerfoldError("slm needs --threshold or a size (--target-layers, --ratio, --param-ratio)")
         if budget is not None and self.threshold is not None:
             raise LayerfoldError("give either --threshold or a target size, not both")
-        if (self.refine or self.selection == "portfolio") and (self.merge != "base" or self.fit != "none"
-                                                               or self.norms != "base"):
-            raise LayerfoldError("refine and selection=portfolio search plans of removed layers: they need "
-                                 "merge=base, norms=base and fit=none")
+        if (self.refine or self.selection in ("portfolio", "influence")) and (
+                self.merge != "base" or self.fit != "none" or self.norms != "base"):
+            raise LayerfoldError("refine and selection=portfolio or influence choose plans of removed layers: they "
+                                 "need merge=base, norms=base and fit=none")
         if (self.refine or self.selection in ("portfolio", "influence")) and budget is None:
             raise LayerfoldError(f"{'refine' if self.refine else 'selection=' + self.selection} aims at a size: give "
                                  "--target-layers, --ratio or --param-ratio")
