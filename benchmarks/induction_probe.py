@@ -26,11 +26,11 @@ import json
 import time
 
 import torch
-from quality import CONFIGS, WITH_CHANNELS, with_channels
+from quality import plan_config
 
 from layerfold import api
 from layerfold.data.tokens import CalibrationConfig, sample_windows
-from layerfold.methods.base import PlanResult, Target
+from layerfold.methods.base import PlanResult
 from layerfold.plan import Operation, Plan
 
 
@@ -130,11 +130,7 @@ def main() -> None:
             api.apply_plan(loaded, given)
             plan = given.plan.summary()
         elif name != "dense":
-            method, options = CONFIGS[name]
-            result = api.make_plan(loaded, method, Target(ratio=ratio), calib, options, progress=False,
-                                   tokens=tokens)
-            if name in WITH_CHANNELS:
-                result = with_channels(loaded, result, tokens)
+            result = plan_config(loaded, name, ratio, calib, tokens)
             api.apply_plan(loaded, result)
             plan = result.plan.summary()
         record({"config": name, "ratio": ratio, "plan": plan, "seconds": round(time.perf_counter() - t0, 1),

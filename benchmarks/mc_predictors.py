@@ -41,7 +41,7 @@ CONFIGS = "slm,slm/channels+kl,slm/books+repeats,shortgpt,shortgpt+channels,sleb
 
 
 @torch.no_grad()
-def measures(model, dense, windows: torch.Tensor, bos: bool, batch_size: int) -> dict:
+def measures(model, dense, windows: torch.Tensor, batch_size: int) -> dict:
     """The measures above for ``model`` against ``dense`` on ``windows`` (all tokens after the first
     scored; with BOS first, every text token)."""
     nll_t = torch.zeros(len(TEMPERATURES), dtype=torch.float64)
@@ -68,14 +68,12 @@ def measures(model, dense, windows: torch.Tensor, bos: bool, batch_size: int) ->
 
 
 def run(args) -> None:
-    from quality import CONFIGS as QUALITY_CONFIGS
-    from quality import WITH_CHANNELS, calibration_for, with_channels
+    from quality import plan_config
 
     from layerfold import api
     from layerfold.data.sources import load_text
     from layerfold.data.tokens import CalibrationConfig, sample_windows, token_stream
     from layerfold.evaluate.perplexity import windows_from_stream
-    from layerfold.methods.base import Target
 
     base = api.load_model(args.model)
     bos_id = base.tokenizer.bos_token_id if args.bos else None
@@ -84,16 +82,12 @@ def run(args) -> None:
     tokens = sample_windows(base.tokenizer, calib)
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for name in args.configs.split(","):
-            method, options = QUALITY_CONFIGS[name]
             loaded = copy.deepcopy(base)
             t0 = time.perf_counter()
-            result = api.make_plan(loaded, method, Target(ratio=ratio), calib, options, progress=False,
-                                   tokens=calibration_for(name, tokens))
-            if name in WITH_CHANNELS:
-                result = with_channels(loaded, result, tokens)
+            result = plan_config(loaded, name, ratio, calib, tokens)
             api.apply_plan(loaded, result)
             row = {"config": name, "ratio": ratio, "plan": result.plan.summary(), "windows": len(windows),
-                   **measures(loaded.model, base.model, windows, args.bos, args.batch_size),
+                   **measures(loaded.model, base.model, windows, args.batch_size),
                    "seconds": round(time.perf_counter() - t0, 1)}
             with open(args.out, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
@@ -102,24 +96,10 @@ def run(args) -> None:
 
 
 def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties)."""
-    def ranks(x):
-        order = sorted(range(len(x)), key=lambda i: x[i])
-        r = [0.0] * len(x)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
-    var = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
-    return cov / var if var else float("nan")
+    """Spearman's rank correlation (scipy's; ties get average ranks)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
 
 
 def report(args) -> None:

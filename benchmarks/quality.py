@@ -167,6 +167,15 @@ def calibration_for(name: str, tokens: torch.Tensor) -> torch.Tensor:
     return tokens
 
 
+def plan_config(loaded, name: str, ratio: float, calib: CalibrationConfig, tokens: torch.Tensor):
+    """The plan of configuration ``name`` (CONFIGS) at ``ratio`` for ``loaded``, on its calibration tokens
+    (:func:`calibration_for`), with slm's channel factors fitted after it for WITH_CHANNELS."""
+    method, options = CONFIGS[name]
+    result = api.make_plan(loaded, method, Target(ratio=ratio), calib, options, progress=False,
+                           tokens=calibration_for(name, tokens))
+    return with_channels(loaded, result, tokens) if name in WITH_CHANNELS else result
+
+
 BASELINES = ["shortgpt", "sleb", "angular", "laco", "shortened-ppl", "shortened-taylor", "last-n"]
 ALWAYS_ZEROSHOT = ["slm", "slm-paper", "slm-reference", *BASELINES]
 
@@ -223,15 +232,11 @@ def main() -> None:
     if not args.no_dense:
         emit({"config": "dense", "ratio": 0.0, "layers": n, "phase": "ppl", **measure(base, args)})
     for name in names:
-        method, options = CONFIGS[name]
         for ratio in ratios:
             loaded = copy.deepcopy(base)
             t0 = time.perf_counter()
             try:
-                result = api.make_plan(loaded, method, Target(ratio=ratio), calib, options, progress=False,
-                                       tokens=calibration_for(name, tokens))
-                if name in WITH_CHANNELS:
-                    result = with_channels(loaded, result, tokens)
+                result = plan_config(loaded, name, ratio, calib, tokens)
             except Exception as exc:
                 emit({"config": name, "ratio": ratio, "error": f"{type(exc).__name__}: {exc}"})
                 continue
@@ -264,11 +269,7 @@ def main() -> None:
             layers = n
             if name != "dense":
                 if (name, ratio) not in plans:
-                    method, options = CONFIGS[name]
-                    plans[(name, ratio)] = api.make_plan(loaded, method, Target(ratio=ratio), calib, options,
-                                                         progress=False, tokens=calibration_for(name, tokens))
-                    if name in WITH_CHANNELS:
-                        plans[(name, ratio)] = with_channels(loaded, plans[(name, ratio)], tokens)
+                    plans[(name, ratio)] = plan_config(loaded, name, ratio, calib, tokens)
                 api.apply_plan(loaded, plans[(name, ratio)])
                 layers = plans[(name, ratio)].plan.num_layers_after
             zs = zeroshot_row(loaded, args)

@@ -62,6 +62,11 @@ def read_rows(spec: str) -> list[dict]:
     return rows
 
 
+def read_sources(spec: str) -> list[dict]:
+    """The rows of several :func:`read_rows` specs joined by ``;`` (each with its own renames), in order."""
+    return [row for part in spec.split(";") for row in read_rows(part)]
+
+
 def load(spec: str, rows: dict[tuple[str, float], dict] | None = None) -> dict[tuple[str, float], dict]:
     """Rows of ``spec`` (see :func:`read_rows`) merged by configuration and ratio into ``rows``."""
     rows = {} if rows is None else rows
@@ -107,10 +112,9 @@ def fullsets_table(spec: str) -> str:
     """Zero-shot rows measured on the full task sets (every document), one per configuration and
     ratio (rows of the same one merged, later sources win), with the number of documents checked."""
     merged: dict[tuple[str, float], dict] = {}
-    for part in spec.split(";"):
-        for r in read_rows(part):
-            if r.get("zeroshot"):
-                merged.setdefault((r["config"], r["ratio"]), {}).update({k: v for k, v in r.items() if v is not None})
+    for r in read_sources(spec):
+        if r.get("zeroshot"):
+            merged.setdefault((r["config"], r["ratio"]), {}).update({k: v for k, v in r.items() if v is not None})
     rows = list(merged.values())
     lines = ["| method | ratio | layers | 7-task avg | avg w/o BoolQ | WikiText-2 @2048 | PTB @2048 | "
              + " | ".join(TASKS) + " |", "|" + "---|" * (7 + len(TASKS))]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from report_quality import read_rows
+from report_quality import read_sources
 
 
 def read(spec: str) -> tuple[str, list[dict]]:
@@ -30,7 +30,7 @@ def read(spec: str) -> tuple[str, list[dict]]:
     several such paths joined by ``;``, each with its own renames) -> the label and its rows with
     per-document outcomes."""
     label, _, rest = spec.partition("=")
-    return label, [r for part in rest.split(";") for r in read_rows(part) if any(k.endswith("_docs") for k in r)]
+    return label, [r for r in read_sources(rest) if any(k.endswith("_docs") for k in r)]
 
 
 def outcomes(row: dict, key: str, tasks: list[str]) -> list[np.ndarray]:

@@ -125,11 +125,11 @@ def test_mc_predictor_measures_of_a_model_against_itself_and_rank_correlation():
             return type("Out", (), {"logits": 3 * self.emb(ids)})()
 
     model, ids = Tiny(), torch.randint(0, 20, (5, 9))
-    same = mc.measures(model, model, ids, bos=False, batch_size=2)
+    same = mc.measures(model, model, ids, batch_size=2)
     assert same["agree"] == 1.0 and same["kl"] == pytest.approx(0.0, abs=1e-6)
     assert same["nll_t"] <= same["nll"] and same["tokens"] == 5 * 8
     other = Tiny()
-    diff = mc.measures(other, model, ids, bos=False, batch_size=2)
+    diff = mc.measures(other, model, ids, batch_size=2)
     assert diff["kl"] > 0 and diff["agree"] < 1.0
     assert mc.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert mc.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
