@@ -6,7 +6,9 @@ time, perplexity (WikiText-2 and PTB test at 128 and 2048 tokens, LAMBADA evalua
 128, PTB *valid* at 128: the validation figure on which layerfold's defaults are chosen),
 and the seven-task zero-shot average through lm-evaluation-harness (with and without BoolQ);
 ``--zs-tasks heldout`` scores the zero-shot validation tasks instead, ``--zs-docs`` keeps each
-document's outcome for paired comparisons (benchmarks/zeroshot_paired.py).
+document's outcome for paired comparisons (benchmarks/zeroshot_paired.py).  ``--heal`` LoRA-heals
+each zero-shot configuration first, with ``layerfold heal``'s recipe on the calibration books
+(never evaluation text), and names its rows ``NAME+lora``: the comparison after recovery.
 
 Each row is appended to ``--out`` as one JSON line the moment it is done, so a run cut short
 keeps what it finished.  ``--budget-s`` skips zero-shot for rows started after that many
@@ -135,6 +137,20 @@ def zeroshot_row(loaded, args) -> dict:
     return row
 
 
+def healed(loaded, args) -> dict:
+    """Heal ``loaded`` in place with LoRA, ``layerfold heal``'s recipe (rank 8 on every decoder projection,
+    book text, ``--heal-epochs`` epochs, 64 blocks of 256 tokens a step, as 16 x 4 micro-batches); the facts
+    of the run for its row."""
+    from layerfold.recover import heal, make_config
+
+    config = make_config(epochs=args.heal_epochs, batch_size=16, grad_accum=4, eval_sources=())
+    record = heal(loaded, None, config, device="cuda" if args.device.startswith("cuda") else "cpu",
+                  progress=False).record
+    loaded.model.eval()
+    return {"heal": {k: record[k] for k in ("steps", "tokens_trained", "epochs_over_data", "loss_first", "loss_last",
+                                            "seconds")} | {"recipe": record["recipe"]}}
+
+
 def with_channels(loaded, result, tokens):
     """``result``'s removed layers as windows (each kept layer below a removed run is its base),
     with slm's per-channel factors fitted on ``tokens`` (:meth:`SlmEngine.fit_channels`)."""
@@ -205,6 +221,10 @@ def main() -> None:
     parser.add_argument("--calib-source", default="books")
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="no zero-shot started after this")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense row (another process measures it)")
+    parser.add_argument("--heal", action="store_true",
+                        help="LoRA-heal each zero-shot configuration first (rows NAME+lora, with their 128-token "
+                             "perplexities)")
+    parser.add_argument("--heal-epochs", type=float, default=2.0, help="epochs over the book text (layerfold heal: 2)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     start = time.perf_counter()
@@ -272,10 +292,11 @@ def main() -> None:
                     plans[(name, ratio)] = plan_config(loaded, name, ratio, calib, tokens)
                 api.apply_plan(loaded, plans[(name, ratio)])
                 layers = plans[(name, ratio)].plan.num_layers_after
+            extra = {**healed(loaded, args), **measure(loaded, args)} if args.heal else {}
             zs = zeroshot_row(loaded, args)
             long = measure(loaded, args, lengths=(2048,)) if args.long else {}
-            emit({"config": name, "ratio": ratio, "layers": layers,
-                  "phase": "zeroshot" if "zeroshot" in zs else "heldout", **long, **zs})
+            emit({"config": f"{name}+lora" if args.heal else name, "ratio": ratio, "layers": layers,
+                  "phase": "zeroshot" if "zeroshot" in zs else "heldout", **extra, **long, **zs})
             del loaded
 
 
