@@ -134,3 +134,15 @@ def test_mc_predictor_measures_of_a_model_against_itself_and_rank_correlation():
     assert mc.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert mc.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert mc.spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0)
+
+
+def test_boolq_bias_reads_the_answers_back_from_outcomes():
+    """An answerer that says yes to everything is right exactly on the yes questions: its yes rate is 1 and
+    its balanced accuracy 50, whatever its accuracy; one right everywhere has balanced accuracy 100."""
+    bias = _script("boolq_bias").bias
+    gold = np.array([1, 1, 1, 0, 1, 0, 0, 1, 1, 1], dtype=np.uint8)
+    always_yes = bias(gold.copy(), gold)
+    assert always_yes == pytest.approx({"accuracy": 0.7, "yes_rate": 1.0, "balanced": 0.5})
+    always_no = bias(1 - gold[:8], gold)  # outcomes of the first eight questions only
+    assert always_no == pytest.approx({"accuracy": 3 / 8, "yes_rate": 0.0, "balanced": 0.5})
+    assert bias(np.ones(10, dtype=np.uint8), gold)["balanced"] == 1.0
