@@ -143,6 +143,20 @@ def ranking(models: dict[str, dict]) -> list[tuple[float, str, list]]:
     return sorted(ranked), cases
 
 
+def implied_depth(rows: dict[tuple[str, float], dict]) -> int:
+    """The model's depth when no unpruned row gives it: the smallest one from which every row's ratio
+    leaves its layer count (a ratio removes ``round(ratio * depth)`` layers, as ``Target``)."""
+    pruned = [(ratio, r["layers"]) for (_, ratio), r in rows.items() if ratio > 0 and r.get("layers")]
+    if not pruned:
+        return 0
+    depth = max(layers for _, layers in pruned) + 1
+    while any(depth - round(ratio * depth) != layers for ratio, layers in pruned):
+        depth += 1
+        if depth > 10 * max(layers for _, layers in pruned):
+            raise ValueError(f"no depth leaves these layer counts at these ratios: {sorted(set(pruned))}")
+    return depth
+
+
 def plot(models: dict[str, dict], out: Path) -> None:
     import matplotlib
 
@@ -151,17 +165,20 @@ def plot(models: dict[str, dict], out: Path) -> None:
 
     fig, axes = plt.subplots(len(models), 2, figsize=(13, 4.5 * len(models)), squeeze=False)
     for (label, rows), (ax1, ax2) in zip(models.items(), axes, strict=True):
-        dense = rows.get(("dense", 0.0), {})
-        total = dense.get("layers", 0)
+        base = ("dense", 0.0) if ("dense", 0.0) in rows else next((k for k in rows if k[1] == 0.0), None)
+        dense = rows.get(base, {})
+        total = dense.get("layers") or implied_depth(rows)
         by_method: dict[str, list] = {}
-        for (name, _ratio), r in rows.items():
-            if name != "dense" and r.get("layers"):
+        for key, r in rows.items():
+            name = key[0]
+            if key != base and r.get("layers"):
                 by_method.setdefault(name, []).append((total - r["layers"], r))
         for name, points in sorted(by_method.items()):
             points.sort(key=lambda p: p[0])
             main = "/" not in name
-            width = 3 if name == "slm" else 1
-            style = {"color": "red", "zorder": 5} if name == "slm" else {}
+            default = name in ("slm", "slm+lora")  # layerfold's default, also when healed
+            width = 3 if default else 1
+            style = {"color": "red", "zorder": 5} if default else {}
             xs = [0] + [p[0] for p in points]
             ppl = [dense.get("ppl/ptb@128")] + [p[1].get("ppl/ptb@128") for p in points]
             ax1.plot(xs, ppl, "-o" if main else ":.", label=name, linewidth=width, **style)

@@ -146,3 +146,12 @@ def test_boolq_bias_reads_the_answers_back_from_outcomes():
     always_no = bias(1 - gold[:8], gold)  # outcomes of the first eight questions only
     assert always_no == pytest.approx({"accuracy": 3 / 8, "yes_rate": 0.0, "balanced": 0.5})
     assert bias(np.ones(10, dtype=np.uint8), gold)["balanced"] == 1.0
+
+
+def test_plot_depth_implied_by_ratios_when_no_unpruned_row():
+    depth = _script("report_quality").implied_depth
+    assert depth({("a", 0.2): {"layers": 24}, ("a", 0.35): {"layers": 20}}) == 30  # round(10.5) = 10
+    assert depth({("a", 0.2): {"layers": 14}, ("b", 0.35): {"layers": 12}}) == 18
+    assert depth({("a", 0.0): {"layers": 30}}) == 0  # nothing pruned: nothing to infer
+    with pytest.raises(ValueError, match="no depth"):
+        depth({("a", 0.5): {"layers": 10}, ("b", 0.5): {"layers": 11}})
