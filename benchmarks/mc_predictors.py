@@ -12,7 +12,14 @@ of several configurations (the same plans as benchmarks/quality.py builds) on th
   loss a miscalibrated scale explains away (a choice between answers hardly depends on it);
 - ``top1``: the share of tokens where the pruned model's first choice is the text's token;
 - ``agree``: the share where it is the dense model's first choice;
-- ``kl``: KL(dense || pruned) of the next-token distributions.
+- ``kl``: KL(dense || pruned) of the next-token distributions;
+- ``cloze`` and ``cloze_nll`` (session 8): a multiple-choice probe built from the same text, scored as
+  the zero-shot tasks score answers. Each of ``--cloze-items`` items is a 96-token context, its true
+  32-token continuation and three distractors, the 32 tokens at the same place 256, 512 and 768 tokens
+  further on (the same kind of text, often the same article); a choice's score is the summed
+  log-likelihood of its tokens after the context. ``cloze`` is the share of items whose true
+  continuation scores highest, ``cloze_nll`` the mean negative log of the true continuation's share of
+  the softmax over the four scores (a graded version of the same choice).
 
 ``--report`` joins these rows with the per-cell zero-shot validation means of quality.py rows and
 prints, per model and ratio, the Spearman correlation of each measure with the held-out mean across
@@ -36,7 +43,9 @@ import time
 import torch
 
 TEMPERATURES = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.15, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0]
-MEASURES = {"nll": -1, "nll_t": -1, "top1": 1, "agree": 1, "kl": -1}  # sign: +1 when higher is better
+MEASURES = {"nll": -1, "nll_t": -1, "top1": 1, "agree": 1, "kl": -1,  # sign: +1 when higher is better
+            "cloze": 1, "cloze_nll": -1}
+CLOZE = {"context": 96, "continuation": 32, "offsets": (256, 512, 768)}
 CONFIGS = "slm,slm/channels+kl,slm/books+repeats,shortgpt,shortgpt+channels,sleb,angular"
 
 
@@ -67,6 +76,41 @@ def measures(model, dense, windows: torch.Tensor, batch_size: int) -> dict:
             "tokens": count}
 
 
+def cloze_items(stream: torch.Tensor, count: int, bos_id: int | None = None) -> torch.Tensor:
+    """``[count, 4, length]`` token ids: per item a context followed by its true continuation (choice 0)
+    and by the continuations found ``CLOZE["offsets"]`` tokens further on (choices 1-3); items start
+    every context + continuation tokens, BOS first when ``bos_id`` is given."""
+    ctx, cont, offsets = CLOZE["context"], CLOZE["continuation"], CLOZE["offsets"]
+    step = ctx + cont
+    if len(stream) < (count - 1) * step + step + max(offsets):
+        raise ValueError(f"{len(stream)} tokens hold fewer than {count} cloze items")
+    items = []
+    for k in range(count):
+        start = k * step
+        context = stream[start:start + ctx]
+        choices = [stream[start + ctx + off:start + ctx + off + cont] for off in (0, *offsets)]
+        items.append(torch.stack([torch.cat([context, c]) for c in choices]))
+    ids = torch.stack(items)
+    if bos_id is not None:
+        ids = torch.cat([torch.full((*ids.shape[:2], 1), bos_id, dtype=ids.dtype), ids], dim=-1)
+    return ids
+
+
+@torch.no_grad()
+def cloze_measures(model, items: torch.Tensor, batch_size: int) -> dict:
+    """``cloze`` and ``cloze_nll`` of ``model`` on :func:`cloze_items` (choice 0 is the true one)."""
+    cont = CLOZE["continuation"]
+    flat = items.flatten(0, 1)
+    scores = []
+    for start in range(0, len(flat), batch_size):
+        ids = flat[start:start + batch_size]
+        logp = torch.log_softmax(model(ids).logits[:, -cont - 1:-1].float(), dim=-1)
+        scores.append(logp.gather(-1, ids[:, -cont:].unsqueeze(-1)).squeeze(-1).sum(-1))
+    scores = torch.cat(scores).view(items.shape[:2]).double()
+    return {"cloze": (scores.argmax(-1) == 0).double().mean().item(),
+            "cloze_nll": -torch.log_softmax(scores, dim=-1)[:, 0].mean().item(), "cloze_items": len(items)}
+
+
 def run(args) -> None:
     from quality import plan_config
 
@@ -77,7 +121,9 @@ def run(args) -> None:
 
     base = api.load_model(args.model)
     bos_id = base.tokenizer.bos_token_id if args.bos else None
-    windows = windows_from_stream(token_stream(base.tokenizer, load_text("ptb-valid")), 128, bos_id, args.windows)
+    stream = token_stream(base.tokenizer, load_text("ptb-valid"))
+    windows = windows_from_stream(stream, 128, bos_id, args.windows)
+    items = cloze_items(stream, args.cloze_items, bos_id)
     calib = CalibrationConfig(source="books", samples=10, seq_len=128, seed=1234)
     tokens = sample_windows(base.tokenizer, calib)
     for ratio in [float(r) for r in args.ratios.split(",")]:
@@ -88,6 +134,7 @@ def run(args) -> None:
             api.apply_plan(loaded, result)
             row = {"config": name, "ratio": ratio, "plan": result.plan.summary(), "windows": len(windows),
                    **measures(loaded.model, base.model, windows, args.batch_size),
+                   **cloze_measures(loaded.model, items, args.batch_size),
                    "seconds": round(time.perf_counter() - t0, 1)}
             with open(args.out, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
@@ -116,19 +163,22 @@ def report(args) -> None:
         for ratio in sorted({r["ratio"] for r in mine}):
             cell = [r for r in mine if r["ratio"] == ratio and (r["config"], ratio) in held]
             print(f"#### {label}, {ratio:.0%} of layers removed ({cell[0]['windows']} PTB-valid windows)\n")
+            probe = all("cloze" in r for r in cell)  # rows measured before session 8 have no probe
+            extra = " probe accuracy | probe NLL |" if probe else ""
             print("| configuration | held-out mean | perplexity | NLL | NLL at best T (T) | top-1 | agrees with dense "
-                  "| KL |\n|---|---|---|---|---|---|---|---|")
+                  f"| KL |{extra}\n" + "|---" * (10 if probe else 8) + "|")
             for r in sorted(cell, key=lambda r: -held[(r["config"], ratio)]):
                 print(f"| {r['config']} | {held[(r['config'], ratio)]:.2f} | {math.exp(r['nll']):.1f} | {r['nll']:.3f} "
                       f"| {r['nll_t']:.3f} ({r['temperature']}) | {100 * r['top1']:.1f} | {100 * r['agree']:.1f} "
-                      f"| {r['kl']:.3f} |")
+                      f"| {r['kl']:.3f} |" + (f" {100 * r['cloze']:.1f} | {r['cloze_nll']:.3f} |" if probe else ""))
             acc = [held[(r["config"], ratio)] for r in cell]
-            cors = {m: spearman([s * r[m] for r in cell], acc) for m, s in MEASURES.items()}
+            cors = {m: spearman([s * r[m] for r in cell], acc) for m, s in MEASURES.items()
+                    if all(m in r for r in cell)}
             for m, c in cors.items():
                 pooled[m].append(c)
             print("\nSpearman with the held-out mean (+1: orders the plans as the validation tasks do): "
                   + ", ".join(f"{m} {c:+.2f}" for m, c in cors.items()) + "\n")
-    print("Mean Spearman over the cells: " + ", ".join(f"{m} {sum(v) / len(v):+.2f}" for m, v in pooled.items()))
+    print("Mean Spearman over the cells: " + ", ".join(f"{m} {sum(v) / len(v):+.2f}" for m, v in pooled.items() if v))
 
 
 def main() -> None:
@@ -139,6 +189,7 @@ def main() -> None:
     parser.add_argument("--configs", default=CONFIGS)
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--cloze-items", type=int, default=200, help="items of the continuation-choice probe")
     parser.add_argument("--out", help="append one JSON row per plan here")
     parser.add_argument("--report", action="append", help="rows written by --out (one per --heldout, same order)")
     parser.add_argument("--heldout", action="append", help="LABEL=PATH of quality.py --zs-tasks heldout rows")

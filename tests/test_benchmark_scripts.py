@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -155,3 +156,39 @@ def test_plot_depth_implied_by_ratios_when_no_unpruned_row():
     assert depth({("a", 0.0): {"layers": 30}}) == 0  # nothing pruned: nothing to infer
     with pytest.raises(ValueError, match="no depth"):
         depth({("a", 0.5): {"layers": 10}, ("b", 0.5): {"layers": 11}})
+
+
+def test_cloze_probe_items_and_scores():
+    """The continuation-choice probe of mc_predictors.py: choice 0 continues its context, the others are
+    the spans further on; a model that knows the text's rule always picks choice 0, a uniform one scores
+    every choice alike (probe NLL log 4)."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        mc = _script("mc_predictors")
+    finally:
+        sys.path.remove(str(BENCH))
+    vocab = 50
+    stream = torch.arange(3000) % vocab  # each token is the previous one plus one
+    items = mc.cloze_items(stream, 5, bos_id=None)
+    assert items.shape == (5, 4, 128)
+    assert torch.equal(items[1, 0], stream[128:256])
+    assert torch.equal(items[1, 2, 96:], stream[128 + 96 + 512:128 + 96 + 544])
+    assert mc.cloze_items(stream, 2, bos_id=7)[:, :, 0].eq(7).all()
+    with pytest.raises(ValueError, match="fewer than"):
+        mc.cloze_items(stream[:1000], 5)
+
+    class Rule(torch.nn.Module):
+        def __init__(self, sharp):
+            super().__init__()
+            self.sharp = sharp
+
+        def forward(self, ids):
+            logits = torch.nn.functional.one_hot((ids + 1) % vocab, vocab).float() * self.sharp
+            return type("Out", (), {"logits": logits})()
+
+    knows = mc.cloze_measures(Rule(10.0), items, batch_size=3)
+    assert knows["cloze"] == 1.0 and knows["cloze_nll"] < 0.01 and knows["cloze_items"] == 5
+    blind = mc.cloze_measures(Rule(0.0), items, batch_size=3)
+    assert blind["cloze_nll"] == pytest.approx(math.log(4))
