@@ -19,6 +19,9 @@
 # wheel split over the first three (.carry/tf/tf.part0-2: 7.0, 3.3 and 3.2 MB), `receive` each time, then
 # `gemma` and `launch` in the background. Keep the calls back to back: a machine idle for ~30 s is given
 # back with everything on it (session 7 lost a job list by analysing results between two polls).
+# Session 8: a second `launch` beside a running job list shares the GPU with it: two healed Gemma jobs
+# and a full-set job ran out of memory that way (and ran again). Use `chain` to start a list only after
+# another ends; a hand-written wait loop must not `pgrep -f` a pattern its own command line contains.
 set -euo pipefail
 LF=$HOME/lf
 mkdir -p "$LF/ship" "$LF/out"
