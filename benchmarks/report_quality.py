@@ -157,7 +157,9 @@ def implied_depth(rows: dict[tuple[str, float], dict]) -> int:
     return depth
 
 
-def plot(models: dict[str, dict], out: Path) -> None:
+def plot(models: dict[str, dict], out: Path, default: str = "slm") -> None:
+    """Perplexity and zero-shot mean against layers removed, per model; ``default`` (and its healed rows,
+    ``DEFAULT+lora``) drawn thick and red."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,9 +178,9 @@ def plot(models: dict[str, dict], out: Path) -> None:
         for name, points in sorted(by_method.items()):
             points.sort(key=lambda p: p[0])
             main = "/" not in name
-            default = name in ("slm", "slm+lora")  # layerfold's default, also when healed
-            width = 3 if default else 1
-            style = {"color": "red", "zorder": 5} if default else {}
+            marked = name in (default, f"{default}+lora")
+            width = 3 if marked else 1
+            style = {"color": "red", "zorder": 5} if marked else {}
             xs = [0] + [p[0] for p in points]
             ppl = [dense.get("ppl/ptb@128")] + [p[1].get("ppl/ptb@128") for p in points]
             ax1.plot(xs, ppl, "-o" if main else ":.", label=name, linewidth=width, **style)
@@ -236,7 +238,7 @@ def main() -> None:
     (out / "quality.json").write_text(json.dumps(
         {label: [{"config": k[0], "ratio": k[1], **v} for k, v in sorted(rows.items())]
          for label, rows in models.items()}, indent=1) + "\n")
-    plot(models, out / "quality.png")
+    plot(models, out / "quality.png", args.default)
     for label, rows in models.items():
         for ratio in sorted({k[1] for k in rows if k[1] > 0}):
             print(f"\n### {label}, {int(round(ratio * 100))}% of decoder layers removed\n")
