@@ -14,7 +14,8 @@ of several configurations (the same plans as benchmarks/quality.py builds) on th
 - ``agree``: the share where it is the dense model's first choice;
 - ``kl``: KL(dense || pruned) of the next-token distributions;
 - ``cloze`` and ``cloze_nll`` (session 8): a multiple-choice probe built from the same text, scored as
-  the zero-shot tasks score answers. Each of ``--cloze-items`` items is a 96-token context, its true
+  the zero-shot tasks score answers (:mod:`layerfold.choice`, which ``slm --set pick=choice`` runs on
+  the calibration source). Each of ``--cloze-items`` items is a 96-token context, its true
   32-token continuation and three distractors, the 32 tokens at the same place 256, 512 and 768 tokens
   further on (the same kind of text, often the same article); a choice's score is the summed
   log-likelihood of its tokens after the context. ``cloze`` is the share of items whose true
@@ -45,7 +46,6 @@ import torch
 TEMPERATURES = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.15, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0]
 MEASURES = {"nll": -1, "nll_t": -1, "top1": 1, "agree": 1, "kl": -1,  # sign: +1 when higher is better
             "cloze": 1, "cloze_nll": -1}
-CLOZE = {"context": 96, "continuation": 32, "offsets": (256, 512, 768)}
 CONFIGS = "slm,slm/channels+kl,slm/books+repeats,shortgpt,shortgpt+channels,sleb,angular"
 
 
@@ -77,38 +77,18 @@ def measures(model, dense, windows: torch.Tensor, batch_size: int) -> dict:
 
 
 def cloze_items(stream: torch.Tensor, count: int, bos_id: int | None = None) -> torch.Tensor:
-    """``[count, 4, length]`` token ids: per item a context followed by its true continuation (choice 0)
-    and by the continuations found ``CLOZE["offsets"]`` tokens further on (choices 1-3); items start
-    every context + continuation tokens, BOS first when ``bos_id`` is given."""
-    ctx, cont, offsets = CLOZE["context"], CLOZE["continuation"], CLOZE["offsets"]
-    step = ctx + cont
-    if len(stream) < (count - 1) * step + step + max(offsets):
-        raise ValueError(f"{len(stream)} tokens hold fewer than {count} cloze items")
-    items = []
-    for k in range(count):
-        start = k * step
-        context = stream[start:start + ctx]
-        choices = [stream[start + ctx + off:start + ctx + off + cont] for off in (0, *offsets)]
-        items.append(torch.stack([torch.cat([context, c]) for c in choices]))
-    ids = torch.stack(items)
-    if bos_id is not None:
-        ids = torch.cat([torch.full((*ids.shape[:2], 1), bos_id, dtype=ids.dtype), ids], dim=-1)
-    return ids
+    """``[count, 4, length]`` token ids of the probe (:func:`layerfold.choice.choice_items`)."""
+    from layerfold.choice import choice_items
+
+    return choice_items(stream, count, bos_id)
 
 
-@torch.no_grad()
 def cloze_measures(model, items: torch.Tensor, batch_size: int) -> dict:
     """``cloze`` and ``cloze_nll`` of ``model`` on :func:`cloze_items` (choice 0 is the true one)."""
-    cont = CLOZE["continuation"]
-    flat = items.flatten(0, 1)
-    scores = []
-    for start in range(0, len(flat), batch_size):
-        ids = flat[start:start + batch_size]
-        logp = torch.log_softmax(model(ids).logits[:, -cont - 1:-1].float(), dim=-1)
-        scores.append(logp.gather(-1, ids[:, -cont:].unsqueeze(-1)).squeeze(-1).sum(-1))
-    scores = torch.cat(scores).view(items.shape[:2]).double()
-    return {"cloze": (scores.argmax(-1) == 0).double().mean().item(),
-            "cloze_nll": -torch.log_softmax(scores, dim=-1)[:, 0].mean().item(), "cloze_items": len(items)}
+    from layerfold.choice import model_choice_score
+
+    score = model_choice_score(model, items, batch_size=batch_size)
+    return {"cloze": score.accuracy, "cloze_nll": score.nll, "cloze_items": len(items)}
 
 
 def run(args) -> None:

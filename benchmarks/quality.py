@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -91,6 +92,12 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     # session 7: the library's selection=influence builds shortgpt+channels' plans (the same windows, channel
     # factors within 1e-7: the plan's six-decimal rounding); shortgpt+channels names the rows measured
     "slm/influence": ("slm", {"selection": "influence"}),
+    # session 9: the portfolio's candidates compared by the continuation-choice probe on the calibration source
+    # (layerfold.choice), and each candidate alone with the default's channel correction
+    "slm/pick-choice": ("slm", {"pick": "choice"}),
+    "slm/greedy+channels": ("slm", {"selection": "greedy"}),
+    "slm/optimal+channels": ("slm", {"selection": "optimal"}),
+    "slm/angular+channels": ("slm", {"selection": "angular"}),
 }
 WITH_CHANNELS = ("shortgpt+channels", "sleb+channels")
 CALIB_REPEATS = ("slm/books+repeats",)
@@ -192,6 +199,35 @@ def plan_config(loaded, name: str, ratio: float, calib: CalibrationConfig, token
     return with_channels(loaded, result, tokens) if name in WITH_CHANNELS else result
 
 
+class PlanClaims:
+    """Which configuration scores a plan: the first to claim it, in this process or, with a folder, in any
+    process sharing it (one file a plan, created exclusively)."""
+
+    def __init__(self, folder: str | None, scope: str) -> None:
+        self.folder = Path(folder) if folder else None
+        self.scope = scope
+        self.owners: dict[str, str] = {}
+        if self.folder:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def claim(self, summary: str, ratio: float, name: str) -> str:
+        """The owner of (``summary``, ``ratio``): ``name`` if it claims it now (or had), else the earlier one."""
+        import hashlib
+
+        key = hashlib.sha256(f"{self.scope}|{ratio}|{summary}".encode()).hexdigest()[:20]
+        if key not in self.owners and self.folder:
+            path = self.folder / key
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(name)
+            except FileExistsError:
+                time.sleep(0.2)  # the claimant writes its name right after creating the file
+                self.owners[key] = path.read_text() or name
+        self.owners.setdefault(key, name)
+        return self.owners[key]
+
+
 BASELINES = ["shortgpt", "sleb", "angular", "laco", "shortened-ppl", "shortened-taylor", "last-n"]
 ALWAYS_ZEROSHOT = ["slm", "slm-paper", "slm-reference", *BASELINES]
 
@@ -211,6 +247,14 @@ def main() -> None:
                         help="zeroshot7 (reported), or heldout (zero-shot validation: splits no reported "
                              "figure scores)")
     parser.add_argument("--zs-docs", action="store_true", help="record per-document outcomes (paired comparisons)")
+    parser.add_argument("--zs-unique", action="store_true",
+                        help="no zero-shot for a configuration whose plan is one already scored (here, or by any "
+                             "process sharing --zs-claims) or one of --zs-known's: a row naming it (same_plan_as)")
+    parser.add_argument("--zs-claims", default=None,
+                        help="folder where processes with --zs-unique claim each plan they score (one file a plan)")
+    parser.add_argument("--zs-known", default="",
+                        help="comma list of configurations planned in phase 1 whose zero-shot is known (not run); "
+                             "with --zs-unique, plans equal to theirs are skipped")
     parser.add_argument("--ppl-windows", type=int, default=None, help="128-token windows per source (all)")
     parser.add_argument("--ppl-windows-long", type=int, default=None, help="2048-token windows per source (all)")
     parser.add_argument("--long", action="store_true", help="2048-token perplexity for the zero-shot rows")
@@ -267,8 +311,10 @@ def main() -> None:
             api.apply_plan(loaded, result)
             row = measure(loaded, args)
             valid.setdefault(name, []).append(row.get("ppl/ptb-valid@128") or float("inf"))
+            picked = {k: v for k, v in result.plan.scores.items() if k.startswith(("portfolio", "choice_items"))}
             emit({"config": name, "ratio": ratio, "layers": result.plan.num_layers_after, "phase": "ppl",
-                  "plan": result.plan.summary(), "prune_seconds": seconds, **row})
+                  "plan": result.plan.summary(), "prune_seconds": seconds, **({"scores": picked} if picked else {}),
+                  **row})
             del loaded
     # phase 2: zero-shot for the configurations that matter, chosen on validation perplexity only
     if args.zeroshot_configs == "none":
@@ -280,8 +326,20 @@ def main() -> None:
     else:
         chosen = args.zeroshot_configs.split(",")
     print(json.dumps({"zeroshot_for": chosen}), flush=True)
-    for name in chosen:
+    known = [k for k in args.zs_known.split(",") if k]
+    claims = PlanClaims(args.zs_claims, f"{args.model}|{args.calib_source}|{args.calib_samples}")
+    for k in known:
+        for r in ratios:
+            if (k, r) in plans:
+                claims.claim(plans[(k, r)].plan.summary(), r, k)
+    for name in [c for c in chosen if c not in known]:
         for ratio in ([0.0] if name == "dense" else ratios):
+            if args.zs_unique and name != "dense" and (name, ratio) in plans:
+                summary = plans[(name, ratio)].plan.summary()
+                owner = claims.claim(summary, ratio, name)
+                if owner != name:
+                    emit({"config": name, "ratio": ratio, "phase": "skipped", "same_plan_as": owner, "plan": summary})
+                    continue
             if time.perf_counter() - start > args.budget_s:
                 print(json.dumps({"skipped_zeroshot": name, "ratio": ratio}), flush=True)
                 continue

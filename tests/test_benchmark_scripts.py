@@ -176,7 +176,9 @@ def test_cloze_probe_items_and_scores():
     assert torch.equal(items[1, 0], stream[128:256])
     assert torch.equal(items[1, 2, 96:], stream[128 + 96 + 512:128 + 96 + 544])
     assert mc.cloze_items(stream, 2, bos_id=7)[:, :, 0].eq(7).all()
-    with pytest.raises(ValueError, match="fewer than"):
+    from layerfold.errors import LayerfoldError
+
+    with pytest.raises(LayerfoldError, match="fewer than"):
         mc.cloze_items(stream[:1000], 5)
 
     class Rule(torch.nn.Module):
@@ -192,3 +194,18 @@ def test_cloze_probe_items_and_scores():
     assert knows["cloze"] == 1.0 and knows["cloze_nll"] < 0.01 and knows["cloze_items"] == 5
     blind = mc.cloze_measures(Rule(0.0), items, batch_size=3)
     assert blind["cloze_nll"] == pytest.approx(math.log(4))
+
+
+def test_plan_claims_give_each_plan_to_its_first_claimant(tmp_path):
+    """quality.py --zs-unique: a plan already claimed (by this process, or by another sharing the folder)
+    names its first claimant; the same windows at another ratio or in another scope are another plan."""
+    claims_cls = _script("quality").PlanClaims
+    a = claims_cls(str(tmp_path / "claims"), "smol")
+    assert a.claim("slm: 30 -> 24 layers (fuse 12-18)", 0.2, "slm") == "slm"
+    assert a.claim("slm: 30 -> 24 layers (fuse 12-18)", 0.2, "slm/optimal+channels") == "slm"
+    assert a.claim("slm: 30 -> 24 layers (fuse 12-18)", 0.35, "slm/optimal+channels") == "slm/optimal+channels"
+    other = claims_cls(str(tmp_path / "claims"), "smol")  # a second process
+    assert other.claim("slm: 30 -> 24 layers (fuse 12-18)", 0.2, "slm/pick-choice") == "slm"
+    assert claims_cls(str(tmp_path / "claims"), "gemma").claim("slm: 30 -> 24 layers (fuse 12-18)", 0.2, "x") == "x"
+    alone = claims_cls(None, "smol")
+    assert alone.claim("p", 0.2, "first") == "first" and alone.claim("p", 0.2, "second") == "first"

@@ -14,7 +14,7 @@ there before each call.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -58,7 +58,7 @@ class LayerCache:
         return next(self.model.parameters()).device
 
     def batches(self) -> int:
-        return len(self.inputs[0])
+        return len(self.extras[0]) if self.extras else len(self.inputs[0])
 
     def input_of(self, i: int) -> torch.Tensor:
         """Hidden states entering layer ``i`` on all samples (``i == L``: the last layer's
@@ -122,18 +122,22 @@ def _to(value, device):
 
 def capture(model: nn.Module, arch: Architecture, tokens: torch.Tensor, batch_size: int = 8,
             store_device: str | torch.device | None = None, progress: bool = True,
-            streamer: LayerStreamer | None = None) -> LayerCache:
+            streamer: LayerStreamer | None = None, keep: Collection[int] | None = None) -> LayerCache:
     """One forward pass over ``tokens`` ([N, T]) recording each layer's inputs and arguments.
 
-    With an attached ``streamer`` (layers streamed from the CPU), the activations are stored
-    on the CPU and later runs bring each module to the streamer's device."""
+    ``keep`` limits the stored hidden states to those entering the layers it names (``L``: the
+    last layer's output); the call arguments of every layer are stored all the same, so spans
+    can still be run from a kept input.  With an attached ``streamer`` (layers streamed from the
+    CPU), the activations are stored on the CPU and later runs bring each module to the
+    streamer's device."""
     layers = arch.layer_list(model)
     n_layers = len(layers)
     if streamer is not None and streamer.active:
         store = torch.device("cpu") if store_device is None else torch.device(store_device)
     else:
         streamer = None
-        store = torch.device(store_device) if store_device is not None else _default_store(model, tokens, n_layers)
+        stored = n_layers if keep is None else len(keep) - 1  # _default_store counts n_layers + 1 tensors
+        store = torch.device(store_device) if store_device is not None else _default_store(model, tokens, stored)
     cache = LayerCache(model=model, arch=arch, tokens=tokens, store_device=store, streamer=streamer,
                        inputs=[[] for _ in range(n_layers + 1)], extras=[[] for _ in range(n_layers)])
     handles = []
@@ -145,14 +149,16 @@ def capture(model: nn.Module, arch: Architecture, tokens: torch.Tensor, batch_si
             rest = {k: _detach(v) for k, v in kwargs.items() if k != "hidden_states" and k not in _DROP_KWARGS}
             if "use_cache" in rest:
                 rest["use_cache"] = False
-            cache.inputs[idx].append(hidden.detach().to(store))
+            if keep is None or idx in keep:
+                cache.inputs[idx].append(hidden.detach().to(store))
             cache.extras[idx].append((tuple(_detach(a) for a in rest_args), rest))
 
         return hook
 
     def last_hook(module, args, output):
         out = output[0] if isinstance(output, tuple) else output
-        cache.inputs[n_layers].append(out.detach().to(store))
+        if keep is None or n_layers in keep:
+            cache.inputs[n_layers].append(out.detach().to(store))
 
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))

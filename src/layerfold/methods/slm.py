@@ -546,18 +546,23 @@ def influence_removal(cache: LayerCache, budget: int) -> set[int]:
     return set(lowest({i: v for i, v in block_influence(cache).items() if i > 0}, budget))
 
 
+def angular_removal(cache: LayerCache, budget: int) -> set[int]:
+    """The contiguous block of ``budget`` layers whose input and output are closest in angle
+    (Angular's choice), layer 0 kept: it is then folded into the kept layer below it."""
+    distance = {lo: v for lo, v in block_distances(cache, budget).items() if lo > 0}
+    block = min(distance, key=lambda lo: (distance[lo], lo))
+    return set(range(block, block + budget))
+
+
 def portfolio_candidates(engine: SlmEngine, cache: LayerCache, budget: int, max_window: int = 8,
                          progress: bool = True) -> dict[str, set[int]]:
     """Plans of removed layers (layer 0 always kept) from four selectors: the greedy fold, the
     optimal windows, the lowest block influence and the closest contiguous block in angle."""
-    influence = influence_removal(cache, budget)
-    distance = {lo: v for lo, v in block_distances(cache, budget).items() if lo > 0}
-    block = min(distance, key=lambda lo: (distance[lo], lo))
     candidates = {
         "greedy": removed_layers(engine.greedy(budget, progress=progress).windows),
         "optimal": removed_layers(engine.optimal(budget, max_window, progress=progress).windows),
-        "block-influence": influence,
-        "angular-block": set(range(block, block + budget)),
+        "block-influence": influence_removal(cache, budget),
+        "angular-block": angular_removal(cache, budget),
     }
     return {name: r for name, r in candidates.items() if 0 not in r}
 
@@ -593,12 +598,17 @@ class SlidingLayerMerging(Method):
     folded into the kept layer below and rescaled as above: on multiple-choice validation tasks it
     beats the default (43.45 against 42.41 over both models and ratios) at a validation perplexity 43%
     higher, but on SmolLM2's seven reported tasks it is only level without BoolQ (quality.md).
+    ``selection="angular"`` likewise takes the contiguous block closest in angle (Angular's choice).
+    ``pick="choice"`` compares the portfolio's candidates by a continuation-choice probe shaped like
+    the multiple-choice tasks (:mod:`layerfold.choice`): ``choice_items`` items of the calibration
+    source, each a 96-token context, its true 32 tokens and three 32-token spans from further on;
+    the candidate that picks the true continuation most often wins (ties: the graded score).
     The paper's procedure is ``slm-paper``; the authors' code, ``slm-reference``.
     """
 
     name: ClassVar[str] = "slm"
     needs_target: ClassVar[bool] = False
-    selection: Literal["sliding", "greedy", "optimal", "portfolio", "influence"] = "portfolio"
+    selection: Literal["sliding", "greedy", "optimal", "portfolio", "influence", "angular"] = "portfolio"
     criterion: Literal["output-cosine", "cka-linear", "cka-rbf", "angular", "loss"] = "output-cosine"
     merge: str = "base"
     norms: Literal["base", "merge"] = "base"
@@ -609,7 +619,8 @@ class SlidingLayerMerging(Method):
     threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
     refine: int = Field(default=0, ge=0)
     refine_radius: int = Field(default=0, ge=0)
-    pick: Literal["criterion", "kl"] = "criterion"
+    pick: Literal["criterion", "kl", "choice"] = "criterion"
+    choice_items: int = Field(default=400, ge=1)
     rescale: Rescale = "channels"
     channel_ridge: float = Field(default=CHANNEL_RIDGE, ge=0)
 
@@ -636,13 +647,14 @@ class SlidingLayerMerging(Method):
         threshold = self.threshold
         extra: dict = {}
         if self.selection == "portfolio":
-            run, extra = self._portfolio(engine, ctx.cache, budget, ctx.progress)
+            run, extra = self._portfolio(engine, ctx, budget)
         elif self.selection == "greedy":
             run = engine.greedy(budget, progress=ctx.progress)
         elif self.selection == "optimal":
             run = engine.optimal(budget, self.max_window, progress=ctx.progress)
-        elif self.selection == "influence":
-            removed = influence_removal(ctx.cache, budget)
+        elif self.selection in ("influence", "angular"):
+            chooser = influence_removal if self.selection == "influence" else angular_removal
+            removed = chooser(ctx.cache, budget)
             windows = windows_of(removed)
             run = SlmRun(windows=windows, scores=dict.fromkeys(windows, engine.score_removal(removed)))
         elif budget is None:
@@ -693,13 +705,18 @@ class SlidingLayerMerging(Method):
                          for lo, hi in run.windows}
         return PlanResult(plan, overrides)
 
-    def _portfolio(self, engine: SlmEngine, cache: LayerCache, budget: int, progress: bool) -> tuple[SlmRun, dict]:
+    def _portfolio(self, engine: SlmEngine, ctx: PlanContext, budget: int) -> tuple[SlmRun, dict]:
         """Plans of removed layers from several selectors (see :func:`portfolio_candidates`), scored
-        alike by the criterion on the whole model's output; the best is kept."""
-        candidates = portfolio_candidates(engine, cache, budget, self.max_window, progress)
+        alike by the criterion on the whole model's output; the best is kept (by ``pick``)."""
+        candidates = portfolio_candidates(engine, ctx.cache, budget, self.max_window, ctx.progress)
         scores = {name: engine.score_removal(r) for name, r in candidates.items()}
-        extra: dict = {"portfolio": scores}
-        if self.pick == "kl":
+        extra: dict = {"portfolio": scores, "portfolio_removed": {name: sorted(r) for name, r in candidates.items()}}
+        if self.pick == "choice":
+            choice = self._choice_scores(ctx, candidates)
+            pick = max(choice, key=lambda name: (*choice[name].key(), scores[name]))
+            extra["portfolio_choice"] = {name: {"accuracy": c.accuracy, "nll": c.nll} for name, c in choice.items()}
+            extra["choice_items"] = self.choice_items
+        elif self.pick == "kl":
             kl = {name: engine.kl_removal(r) for name, r in candidates.items()}
             pick = min(kl, key=lambda name: (kl[name], -scores[name]))
             extra["portfolio_kl"] = kl
@@ -708,17 +725,35 @@ class SlidingLayerMerging(Method):
         windows = windows_of(candidates[pick])
         return SlmRun(windows=windows, scores=dict.fromkeys(windows, scores[pick])), {**extra, "portfolio_pick": pick}
 
+    def _choice_scores(self, ctx: PlanContext, candidates: dict[str, set[int]]) -> dict:
+        """The continuation-choice probe of each candidate on ``choice_items`` items of the
+        calibration source (the source's whole text, not only the sampled windows)."""
+        from layerfold.choice import choice_items, default_bos, plan_choice_scores
+        from layerfold.data.sources import load_text
+        from layerfold.data.tokens import token_stream
+
+        tokenizer = ctx.loaded.tokenizer
+        if tokenizer is None:
+            raise LayerfoldError("pick=choice needs a tokenizer")
+        stream = token_stream(tokenizer, load_text(ctx.calibration.source))
+        items = choice_items(stream, self.choice_items, default_bos(tokenizer))
+        return plan_choice_scores(ctx.loaded, candidates, items, batch_size=ctx.calibration.batch_size,
+                                  streamer=ctx.streamer, progress=ctx.progress)
+
     def _budget(self, ctx: PlanContext) -> int | None:
         budget = ctx.layers_to_remove()
         if budget is None and self.threshold is None:
             raise LayerfoldError("slm needs --threshold or a size (--target-layers, --ratio, --param-ratio)")
         if budget is not None and self.threshold is not None:
             raise LayerfoldError("give either --threshold or a target size, not both")
-        if (self.refine or self.selection in ("portfolio", "influence")) and (
+        if (self.refine or self.selection in ("portfolio", "influence", "angular")) and (
                 self.merge != "base" or self.fit != "none" or self.norms != "base"):
-            raise LayerfoldError("refine and selection=portfolio or influence choose plans of removed layers: they "
-                                 "need merge=base, norms=base and fit=none")
-        if (self.refine or self.selection in ("portfolio", "influence")) and budget is None:
+            raise LayerfoldError("refine and selection=portfolio, influence or angular choose plans of removed "
+                                 "layers: they need merge=base, norms=base and fit=none")
+        if self.pick == "choice" and self.selection != "portfolio":
+            raise LayerfoldError(f"pick=choice compares the portfolio's candidates; selection={self.selection} has "
+                                 "none: use selection=portfolio")
+        if (self.refine or self.selection in ("portfolio", "influence", "angular")) and budget is None:
             raise LayerfoldError(f"{'refine' if self.refine else 'selection=' + self.selection} aims at a size: give "
                                  "--target-layers, --ratio or --param-ratio")
         if self.selection == "portfolio" and self.criterion not in ("output-cosine", "loss"):
