@@ -57,13 +57,13 @@ def measures(model, dense, windows: torch.Tensor, batch_size: int) -> dict:
     top1 = agree = kl = 0.0
     count = 0
     for start in range(0, len(windows), batch_size):
-        ids = windows[start:start + batch_size]
+        ids = windows[start:start + batch_size].to(next(model.parameters()).device)
         logits = model(ids).logits[:, :-1].float()
         ref = torch.log_softmax(dense(ids).logits[:, :-1].float(), dim=-1)
         target = ids[:, 1:]
         for k, t in enumerate(TEMPERATURES):
             logp = torch.log_softmax(logits / t, dim=-1)
-            nll_t[k] -= logp.gather(-1, target.unsqueeze(-1)).sum().double()
+            nll_t[k] -= logp.gather(-1, target.unsqueeze(-1)).sum().double().cpu()
         logp = torch.log_softmax(logits, dim=-1)
         first = logits.argmax(-1)
         top1 += (first == target).sum().item()
@@ -99,7 +99,7 @@ def run(args) -> None:
     from layerfold.data.tokens import CalibrationConfig, sample_windows, token_stream
     from layerfold.evaluate.perplexity import windows_from_stream
 
-    base = api.load_model(args.model)
+    base = api.load_model(args.model, device=args.device)
     bos_id = base.tokenizer.bos_token_id if args.bos else None
     stream = token_stream(base.tokenizer, load_text("ptb-valid"))
     windows = windows_from_stream(stream, 128, bos_id, args.windows)
@@ -165,6 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--bos", action="store_true")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--ratios", default="0.2,0.35")
     parser.add_argument("--configs", default=CONFIGS)
     parser.add_argument("--windows", type=int, default=40)
