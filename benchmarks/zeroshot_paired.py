@@ -28,9 +28,26 @@ from report_quality import read_sources
 def read(spec: str) -> tuple[str, list[dict]]:
     """``LABEL=PATH`` (``report_quality.read_rows``: a folder, file or glob, ``|OLD>NEW`` renames;
     several such paths joined by ``;``, each with its own renames) -> the label and its rows with
-    per-document outcomes."""
+    per-document outcomes, a row that ``quality.py --zs-unique`` skipped (``same_plan_as``) taking
+    the outcomes of the configuration that scored its plan."""
     label, _, rest = spec.partition("=")
-    return label, [r for r in read_sources(rest) if any(k.endswith("_docs") for k in r)]
+    return label, same_plan_rows(read_sources(rest))
+
+
+def same_plan_rows(rows: list[dict]) -> list[dict]:
+    """The rows with per-document outcomes, plus each skipped row (``same_plan_as``) filled with the
+    outcomes of the row it names at its ratio (followed along chains); a name with no such row is left out."""
+    scored = {(r["config"], r["ratio"]): r for r in rows if any(k.endswith("_docs") for k in r)}
+    skipped = {(r["config"], r["ratio"]): r["same_plan_as"] for r in rows if r.get("same_plan_as")}
+    out = list(scored.values())
+    for (config, ratio), owner in skipped.items():
+        seen = {config}
+        while (owner, ratio) not in scored and (owner, ratio) in skipped and owner not in seen:
+            seen.add(owner)
+            owner = skipped[(owner, ratio)]
+        if (owner, ratio) in scored and (config, ratio) not in scored:
+            out.append({**scored[(owner, ratio)], "config": config, "same_plan_as": owner})
+    return out
 
 
 def outcomes(row: dict, key: str, tasks: list[str]) -> list[np.ndarray]:

@@ -209,3 +209,16 @@ def test_plan_claims_give_each_plan_to_its_first_claimant(tmp_path):
     assert claims_cls(str(tmp_path / "claims"), "gemma").claim("slm: 30 -> 24 layers (fuse 12-18)", 0.2, "x") == "x"
     alone = claims_cls(None, "smol")
     assert alone.claim("p", 0.2, "first") == "first" and alone.claim("p", 0.2, "second") == "first"
+
+
+def test_skipped_rows_take_the_outcomes_of_the_plan_they_share():
+    """zeroshot_paired: a row quality.py --zs-unique skipped gets the outcomes of the configuration that
+    scored its plan at its ratio, along a chain; one whose owner has no outcomes is left out."""
+    rows = [{"config": "slm", "ratio": 0.2, "heldout_docs": {"t": "0110"}},
+            {"config": "a", "ratio": 0.2, "phase": "skipped", "same_plan_as": "slm"},
+            {"config": "b", "ratio": 0.2, "phase": "skipped", "same_plan_as": "a"},
+            {"config": "c", "ratio": 0.35, "phase": "skipped", "same_plan_as": "slm"},
+            {"config": "slm", "ratio": 0.2, "phase": "ppl"}]
+    out = {(r["config"], r["ratio"]): r for r in _script("zeroshot_paired").same_plan_rows(rows)}
+    assert set(out) == {("slm", 0.2), ("a", 0.2), ("b", 0.2)}
+    assert out[("b", 0.2)]["heldout_docs"] == {"t": "0110"} and out[("a", 0.2)]["same_plan_as"] == "slm"
