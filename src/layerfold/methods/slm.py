@@ -602,7 +602,9 @@ class SlidingLayerMerging(Method):
     ``pick="choice"`` compares the portfolio's candidates by a continuation-choice probe shaped like
     the multiple-choice tasks (:mod:`layerfold.choice`): ``choice_items`` items of the calibration
     source, each a 96-token context, its true 32 tokens and three 32-token spans from further on;
-    the candidate that picks the true continuation most often wins (ties: the graded score).
+    the candidate that picks the true continuation most often wins (ties: the graded score).  Measured
+    (quality.md, session 9): no better on the zero-shot validation tasks than the cosine pick (42.46
+    against 42.41) and worse on perplexity than a baseline in two of four cells, so not the default.
     The paper's procedure is ``slm-paper``; the authors' code, ``slm-reference``.
     """
 
