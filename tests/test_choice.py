@@ -125,6 +125,9 @@ def test_pick_choice_keeps_the_candidate_the_probe_prefers(tmp_path):
     best = max(choice, key=lambda n: (choice[n]["accuracy"], -choice[n]["nll"], scores["portfolio"][n]))
     assert scores["portfolio_pick"] == best
     assert result.plan.num_layers_after == 6
+    with pytest.raises(LayerfoldError, match="choice_items=N"):
+        api.make_plan(loaded, "slm", Target(layers=6), options={"pick": "choice", "choice_items": 1000},
+                      calibration=CalibrationConfig(source=str(path), samples=4, seq_len=32), progress=False)
 
 
 def test_pick_choice_needs_the_portfolio_and_angular_selection_folds_angulars_block():

@@ -738,7 +738,11 @@ class SlidingLayerMerging(Method):
         if tokenizer is None:
             raise LayerfoldError("pick=choice needs a tokenizer")
         stream = token_stream(tokenizer, load_text(ctx.calibration.source))
-        items = choice_items(stream, self.choice_items, default_bos(tokenizer))
+        try:
+            items = choice_items(stream, self.choice_items, default_bos(tokenizer))
+        except LayerfoldError as exc:
+            raise LayerfoldError(f"pick=choice on {ctx.calibration.source}: {exc}; give fewer with --set "
+                                 "choice_items=N or a longer calibration source") from exc
         return plan_choice_scores(ctx.loaded, candidates, items, batch_size=ctx.calibration.batch_size,
                                   streamer=ctx.streamer, progress=ctx.progress)
 
