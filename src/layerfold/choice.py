@@ -76,6 +76,13 @@ def default_bos(tokenizer) -> int | None:
     return bos if first == [bos] else None
 
 
+def continuation_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed log-likelihood (on the CPU) of each row's ``targets`` ([B, C]) under the ``logits``
+    ([B, C, V]) that predict them."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, targets.to(logp.device).unsqueeze(-1)).squeeze(-1).sum(-1).cpu()
+
+
 def score_from_logprobs(scores: torch.Tensor) -> ChoiceScore:
     """``scores``: ``[items, choices]`` summed log-likelihoods, choice 0 the true one."""
     scores = scores.double()
@@ -92,8 +99,7 @@ def model_choice_score(model, items: torch.Tensor, continuation: int = CONTINUAT
     sums = []
     for start in range(0, len(flat), batch_size):
         ids = flat[start:start + batch_size].to(device)
-        logp = torch.log_softmax(model(ids).logits[:, -continuation - 1:-1].float(), dim=-1)
-        sums.append(logp.gather(-1, ids[:, -continuation:].unsqueeze(-1)).squeeze(-1).sum(-1).cpu())
+        sums.append(continuation_logprob(model(ids).logits[:, -continuation - 1:-1], ids[:, -continuation:]))
     return score_from_logprobs(torch.cat(sums).view(items.shape[:2]))
 
 
@@ -123,7 +129,6 @@ def plan_choice_scores(loaded, plans: Mapping[str, Collection[int]], items: torc
         for hidden, target in zip(outs, targets, strict=True):
             states = norm(hidden[:, -continuation - 1:-1].to(cache.device))
             logits = _logits(cache, states.reshape(-1, states.shape[-1])).view(*states.shape[:2], -1)
-            logp = torch.log_softmax(logits, dim=-1)
-            sums.append(logp.gather(-1, target.to(logp.device).unsqueeze(-1)).squeeze(-1).sum(-1).cpu())
+            sums.append(continuation_logprob(logits, target))
         scores[name] = score_from_logprobs(torch.cat(sums).view(items.shape[:2]))
     return scores
