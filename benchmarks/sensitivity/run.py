@@ -20,7 +20,7 @@ import time
 import torch
 
 from layerfold import api
-from layerfold.cli import _options
+from layerfold.cli.options import method_options as _options
 from layerfold.data.tokens import CalibrationConfig
 from layerfold.evaluate.perplexity import perplexity
 from layerfold.methods.base import Target

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from layerfold import api
-from layerfold.cli import _options
+from layerfold.cli.options import method_options as _options
 from layerfold.data.tokens import CalibrationConfig
 from layerfold.evaluate.perplexity import perplexity
 from layerfold.models.arch import parameter_count
