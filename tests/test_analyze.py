@@ -193,7 +193,7 @@ def test_cli_analyze(tmp_path: Path) -> None:
     import typer
     from typer.testing import CliRunner
 
-    from layerfold.commands.analyze import register
+    from layerfold.cli.analyze import register
 
     app = typer.Typer()
     app.callback()(lambda: None)

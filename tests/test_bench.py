@@ -21,9 +21,8 @@ from typer.testing import CliRunner
 
 from layerfold.bench import speed
 from layerfold.bench.speed import SpeedConfig, _where, graph_decode, measure_models
-from layerfold.cli import app
-from layerfold.commands import register_all
-from layerfold.commands.bench import _modes
+from layerfold.cli import app, register_all
+from layerfold.cli.bench import _modes
 from layerfold.errors import LayerfoldError
 from layerfold.plan import Operation, Plan
 from layerfold.surgery import apply_plan
@@ -47,7 +46,7 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cli():
-    register_all(app)
+    register_all()
     return CliRunner(env={"COLUMNS": "250"})
 
 

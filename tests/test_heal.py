@@ -223,13 +223,12 @@ def test_config_validation():
 def test_cli_heals_a_model_folder(tokenizer, text_file, tmp_path):
     from typer.testing import CliRunner
 
-    from layerfold.cli import app
-    from layerfold.commands import register_all
+    from layerfold.cli import app, register_all
 
     model = small_model("qwen2")
     model.save_pretrained(tmp_path / "pruned")
     tokenizer.save_pretrained(tmp_path / "pruned")
-    register_all(app)
+    register_all()
     args = ["heal", str(tmp_path / "pruned"), "--data", text_file, "--out", str(tmp_path / "healed"),
             "--max-steps", "2", "--batch-size", "2", "--grad-accum", "2", "--cutoff", "16", "--eval", "",
             "--device", "cpu", "--lr", "1e-3"]

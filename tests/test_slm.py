@@ -299,7 +299,7 @@ def test_refine_and_portfolio_need_plans_of_removed_layers(options):
 
 def test_engine_keeps_only_the_fused_layers_of_the_model_it_scores():
     """Memory: a target search or a greedy fold must not accumulate every window it ever fused."""
-    from layerfold.methods.slm import SlmEngine
+    from layerfold.methods.slm import SlmEngine, greedy_fold
 
     model, toks = tiny_llama(layers=10, seed=5), tokens()
     engine = _engine(model, toks)
@@ -307,7 +307,7 @@ def test_engine_keeps_only_the_fused_layers_of_the_model_it_scores():
     _, run = diff.search(4, progress=False)
     assert set(diff._fused) <= set(diff.run(-1.0, 4).windows)  # only the last run's windows stay
     greedy = SlmEngine(engine.cache, "output-cosine", "diff", "base")
-    result = greedy.greedy(4, progress=False)
+    result = greedy_fold(greedy, 4, progress=False)
     assert set(greedy._fused) == set(result.windows)
     # the base merge needs no copy at all: the fused layer is the base layer itself
     assert engine.candidate((2, 4)) is engine.cache.layers[2]

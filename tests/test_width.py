@@ -266,10 +266,9 @@ def test_depth_width_auto_split_picks_the_lowest_held_out_loss():
 def test_cli_width_and_combined(tmp_path, tiny_model_dir):
     from typer.testing import CliRunner
 
-    from layerfold.cli import app
-    from layerfold.commands import register_all
+    from layerfold.cli import app, register_all
 
-    register_all(app)
+    register_all()
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(f"the cat number {i} sat on the mat." for i in range(400)))
     common = ["--calib-source", str(text), "--calib-samples", "4", "--calib-seq-len", "16", "--ppl", ""]

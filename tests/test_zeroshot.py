@@ -189,8 +189,9 @@ def tiny_llama(tmp_path_factory) -> Path:
 def test_eval_command_on_tiny_model(tiny_llama, tmp_path):
     from typer.testing import CliRunner
 
-    from layerfold.cli import app
+    from layerfold.cli import app, register_all
 
+    register_all()
     out = tmp_path / "eval.json"
     result = CliRunner().invoke(app, ["eval", str(tiny_llama), "--tasks", "boolq,winogrande,arc_challenge",
                                       "--limit", "5", "--batch-size", "4", "--out", str(out)])
@@ -217,8 +218,9 @@ def test_eval_command_on_tiny_model(tiny_llama, tmp_path):
 def test_eval_command_rejects_unknown_task(tiny_llama):
     from typer.testing import CliRunner
 
-    from layerfold.cli import app
+    from layerfold.cli import app, register_all
 
+    register_all()
     result = CliRunner().invoke(app, ["eval", str(tiny_llama), "--tasks", "arc_eazy"])
     assert isinstance(result.exception, LayerfoldError) and "arc_easy" in str(result.exception)
 

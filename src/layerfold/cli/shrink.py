@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from layerfold.cli import CalibSamples, CalibSeqLen, CalibSource, Sampling, Seed, print_split
+from layerfold.cli.options import CalibSamples, CalibSeqLen, CalibSource, Sampling, Seed, print_split
 from layerfold.errors import LayerfoldError
 
 Opt = typer.Option
@@ -58,7 +58,7 @@ def shrink(
     depth pruning, and save a plain Hugging Face folder (with width_plan.json and a model card)."""
     from layerfold import api
     from layerfold import width as W
-    from layerfold.cli import _options, _split
+    from layerfold.cli.options import method_options, split_list
     from layerfold.data.tokens import CalibrationConfig
     from layerfold.evaluate.perplexity import perplexity
     from layerfold.models.arch import parameter_count
@@ -71,7 +71,7 @@ def shrink(
     out = out or Path("layerfold-out") / f"{Path(loaded.source).name}-shrink"
     if out.exists() and not overwrite:
         raise LayerfoldError(f"output folder {out} exists: choose another --out or pass --overwrite")
-    sources = _split(ppl)
+    sources = split_list(ppl)
 
     def measure() -> dict[str, float]:
         return {s: perplexity(loaded.model, loaded.tokenizer, s, max_windows=ppl_windows).perplexity
@@ -87,7 +87,7 @@ def shrink(
     elif width is not None:
         wplan = W.shrink(loaded, width, calibration=calib, batch_size=calib.batch_size, **width_opts)
     else:
-        result = W.depth_width_prune(loaded, param_ratio, split, method, calib, _options(set_),
+        result = W.depth_width_prune(loaded, param_ratio, split, method, calib, method_options(set_),
                                      held_out=held_out, **width_opts)
         wplan, depth, summary = result.width, result.depth, result.summary()
     after = measure()

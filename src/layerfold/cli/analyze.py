@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from layerfold.cli import (
+from layerfold.cli.options import (
     CalibSamples,
     CalibSeqLen,
     CalibSource,
@@ -18,7 +18,7 @@ from layerfold.cli import (
     ModelArg,
     Sampling,
     Seed,
-    _placement,
+    placement,
 )
 
 DEFAULT_MEASURES = "cka-linear,cka-rbf,cosine,angular"
@@ -53,7 +53,7 @@ def analyze_cmd(
         raise LayerfoldError(f"output folder {out} exists: choose another --out or pass --overwrite")
     calib = CalibrationConfig(source=calib_source, samples=calib_samples, seq_len=calib_seq_len, seed=seed,
                               sampling=calib_sampling)
-    load_kw, stream_kw = _placement(device, max_gpu_memory, device_map)
+    load_kw, stream_kw = placement(device, max_gpu_memory, device_map)
     loaded = load_model(model, dtype=dtype, **load_kw)
     result = analyze(loaded, out, measures=kinds, calibration=calib, plan=plan, overwrite=overwrite, **stream_kw)
     _print_summary(result)
