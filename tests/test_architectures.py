@@ -10,8 +10,9 @@ from conftest import ARCHITECTURES, LAYERS, VARIANTS, VOCAB, check_layer_bookkee
 from layerfold import api
 from layerfold.methods.base import Target
 from layerfold.models.arch import architecture_for
+from layerfold.output import save_model
 from layerfold.plan import Operation, Plan
-from layerfold.surgery import apply_plan, save_model
+from layerfold.surgery import apply_plan
 
 ALL = ARCHITECTURES + VARIANTS
 SEQ = 12  # longer than the sliding window (4), so that sliding and full attention differ
@@ -144,7 +145,7 @@ def test_unsupported_architecture_is_named(tiny_model):
 def test_save_model_overwrite_and_failed_swap(tiny_model, tmp_path, monkeypatch):
     import os
 
-    from layerfold import surgery
+    from layerfold import output
     from layerfold.errors import LayerfoldError
 
     model = tiny_model("gpt2")
@@ -164,7 +165,7 @@ def test_save_model_overwrite_and_failed_swap(tiny_model, tmp_path, monkeypatch)
             raise OSError("rename failed")
         real_replace(src, dst)
 
-    monkeypatch.setattr(surgery.os, "replace", failing_replace)
+    monkeypatch.setattr(output.os, "replace", failing_replace)
     (out / "marker.txt").write_text("previous")
     with pytest.raises(OSError, match="rename failed"):
         save_model(model, None, out, overwrite=True)

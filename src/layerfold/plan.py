@@ -179,3 +179,39 @@ def library_versions() -> dict[str, str]:
 
     return {"layerfold": layerfold.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+@dataclass
+class PlanResult:
+    """A plan and, where a method fitted them on data, the weights of its fused layers
+    (window base -> state dict), saved beside the plan as ``plan.tensors.safetensors``."""
+
+    plan: Plan
+    overrides: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+def save_plan(result: PlanResult, path: str | Path) -> Path:
+    """Write ``plan.json`` (and the fitted fused-layer weights, if any, beside it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result.plan.save(path)
+    if result.overrides:
+        from safetensors.torch import save_file
+
+        flat = {f"{lo}/{name}": t.contiguous() for lo, state in result.overrides.items() for name, t in state.items()}
+        save_file(flat, str(path.with_name(path.stem + ".tensors.safetensors")))
+    return path
+
+
+def load_plan(path: str | Path) -> PlanResult:
+    path = Path(path)
+    plan = Plan.load(path)
+    tensors = path.with_name(path.stem + ".tensors.safetensors")
+    overrides: dict[int, dict[str, Any]] = {}
+    if tensors.is_file():
+        from safetensors.torch import load_file
+
+        for key, t in load_file(str(tensors)).items():
+            lo, name = key.split("/", 1)
+            overrides.setdefault(int(lo), {})[name] = t
+    return PlanResult(plan, overrides)

@@ -395,3 +395,15 @@ def layer_streaming(model: nn.Module, arch: Architecture, max_gpu_memory: str | 
         yield streamer
     finally:
         streamer.detach()
+
+
+def streaming_for(loaded, max_gpu_memory: str | int | None, compute_device=None, calibration=None,
+                  tokens: torch.Tensor | None = None):
+    """Layer streaming for one run over ``loaded`` (a null context without a cap); the budget is
+    checked against the calibration batches (``tokens`` if given)."""
+    from layerfold.data.tokens import CalibrationConfig
+
+    calibration = calibration or CalibrationConfig()
+    samples, seq_len = tokens.shape if tokens is not None else (calibration.samples, calibration.seq_len)
+    return layer_streaming(loaded.model, loaded.arch, max_gpu_memory, compute_device,
+                           batch_size=calibration.batch_size, seq_len=int(seq_len), samples=int(samples))

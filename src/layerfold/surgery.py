@@ -6,10 +6,6 @@ Surgery never decides what to cut; it only carries out a :class:`~layerfold.plan
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -109,70 +105,6 @@ def rewrite_config(config, arch: Architecture, sources: list[int]) -> None:
                 delattr(config, key)
             except AttributeError:
                 pass
-
-
-SHARD_SIZE = "5GB"  # safetensors shard size: transformers 4's default (5's is 50GB, one file up to that)
-
-
-def save_model(model: nn.Module, tokenizer, out: str | Path, overwrite: bool = False,
-               extra_files: dict[str, str] | None = None, write_extra=None,
-               max_shard_size: str | int = SHARD_SIZE) -> Path:
-    """Save with ``save_pretrained`` into a temporary folder beside ``out``, then rename.
-
-    The weights are written as safetensors shards of at most ``max_shard_size`` (with an index
-    when there are several), one shard at a time from wherever the weights are (the CPU for a
-    streamed model).  Nothing half-written is ever left at ``out``: a failure removes the
-    temporary folder.
-    """
-    out = Path(out).expanduser().resolve()
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        if write_extra is not None:
-            write_extra(tmp)  # more files, written inside the temporary folder so they land atomically
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-
-    write_folder(out, overwrite, write)
-    return out
-
-
-def write_folder(out: Path, overwrite: bool, write):
-    """Run ``write(tmp)`` on a temporary folder beside ``out``, then rename it to ``out``
-    (replacing an existing one only with ``overwrite``); return what ``write`` returned.
-    Nothing half-written is ever left at ``out``: a failure removes the temporary folder."""
-    if out.exists() and not overwrite:
-        raise LayerfoldError(f"output folder {out} exists: choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        result = write(tmp)
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return result
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is set aside first, put back if the
-    rename fails, and removed once the new folder is in place."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
 
 
 def config_summary(model: nn.Module) -> dict:

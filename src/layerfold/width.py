@@ -45,6 +45,8 @@ from tqdm.auto import tqdm
 
 from layerfold.errors import LayerfoldError, did_you_mean
 from layerfold.models.arch import Architecture, all_architectures, architecture_for, get_dotted, parameter_count
+from layerfold.output import check_out
+from layerfold.surgery import apply_plan
 
 IMPORTANCES = ("wanda-sp", "flap", "taylor")
 ATTENTION_MODES = ("auto", "groups", "query-heads", "off")
@@ -794,15 +796,15 @@ def _parse_split(split: float | str) -> float | None:
 def _prune_at_split(loaded, param_ratio: float, split: float, method: str, calibration, tokens: torch.Tensor,
                     heldout: torch.Tensor | None, options: dict | None, width_options: dict, progress: bool):
     """Depth then width on ``loaded`` in place; returns (depth PlanResult or None, WidthPlan or None)."""
-    from layerfold.api import apply_plan, make_plan
     from layerfold.methods.base import Target
+    from layerfold.methods.planning import make_plan
 
     total = parameter_count(loaded.model)
     depth = None
     if split > 0:
         depth = make_plan(loaded, method, Target(param_ratio=split * param_ratio), calibration, options, progress,
                           tokens=tokens)
-        apply_plan(loaded, depth)
+        apply_plan(loaded.model, depth.plan, depth.overrides)
     remaining = round(param_ratio * total) - (total - parameter_count(loaded.model))
     width = None
     if split < 1 and remaining > 0:
@@ -828,11 +830,11 @@ def depth_width_prune(loaded, param_ratio: float, split: float | str = "auto", m
     ``on_candidate(candidate, loaded_copy)`` is called for each pruned candidate before it is
     compared (benchmarks use it to evaluate every split).
     """
-    from layerfold.api import _as_loaded
     from layerfold.data.tokens import CalibrationConfig
     from layerfold.evaluate.perplexity import perplexity_of_windows
+    from layerfold.models.load import as_loaded
 
-    loaded = _as_loaded(loaded)
+    loaded = as_loaded(loaded)
     if not 0 < param_ratio < 1:
         raise LayerfoldError(f"--param-ratio must be between 0 and 1 (exclusive), got {param_ratio}")
     fixed = _parse_split(split)
@@ -904,8 +906,8 @@ def save_shrunk(loaded, out: str | Path, width: WidthPlan | None, depth=None, re
                 command: str = "", overwrite: bool = False) -> Path:
     """Save the model as a plain Hugging Face folder with ``width_plan.json``, the depth
     ``plan.json`` (if any), ``shrink.json`` and a model card."""
-    from layerfold.api import save_plan
-    from layerfold.surgery import save_model
+    from layerfold.output import save_model
+    from layerfold.plan import save_plan
 
     extra = {"README.md": _card(loaded, width, depth, record, command)}
     if width is not None:
@@ -1054,27 +1056,28 @@ def prune_with_width(loaded, out: str | Path | None, request: WidthRequest, *, m
     ``plan.json`` when depth removed layers, ``width_plan.json``, ``shrink.json`` and a model
     card); returns an :class:`layerfold.api.PruneReport`.  ``api.prune(..., width=request)``
     comes here."""
-    from layerfold import api
     from layerfold.data.tokens import CalibrationConfig
-    from layerfold.methods.base import PlanResult
+    from layerfold.evaluate.perplexity import perplexities
+    from layerfold.methods.planning import make_plan
+    from layerfold.output import PruneReport, command_line
+    from layerfold.plan import PlanResult, load_plan
 
     request.check_depth(target, plan, options)
-    if out is not None and Path(out).exists() and not overwrite:
-        raise LayerfoldError(f"output folder {out} exists: choose another --out or pass --overwrite")
+    check_out(out, overwrite)
     check_width_support(loaded)
     calibration = calibration or CalibrationConfig()
     start = time.perf_counter()
     layers_before, params_before = len(loaded.arch.layer_list(loaded.model)), parameter_count(loaded.model)
-    before = api._ppl(loaded, ppl, ppl_windows, progress)
+    before = perplexities(loaded, ppl, ppl_windows, progress)
     depth, summary = None, None
     if request.split is not None:
         result = depth_width_prune(loaded, target.param_ratio, request.split, method, calibration, options,
                                    held_out=request.held_out, progress=progress, **request.width_options())
         depth, wplan, summary = result.depth, result.width, result.summary()
     else:
-        depth = (plan if isinstance(plan, PlanResult) else api.load_plan(plan) if plan is not None
-                 else api.make_plan(loaded, method, target, calibration, options, progress))
-        api.apply_plan(loaded, depth)
+        depth = (plan if isinstance(plan, PlanResult) else load_plan(plan) if plan is not None
+                 else make_plan(loaded, method, target, calibration, options, progress))
+        apply_plan(loaded.model, depth.plan, depth.overrides)
         if request.plan is not None:
             wplan = WidthPlan.load(request.plan)
             apply_width(loaded.model, wplan)
@@ -1085,17 +1088,17 @@ def prune_with_width(loaded, out: str | Path | None, request: WidthRequest, *, m
                 heldout = held_out_windows(loaded.tokenizer, calibration, request.held_out)
             wplan = shrink(loaded, request.ratio, calibration=calibration, heldout_tokens=heldout,
                            batch_size=calibration.batch_size, progress=progress, **request.width_options())
-    after = api._ppl(loaded, ppl, ppl_windows, progress)
+    after = perplexities(loaded, ppl, ppl_windows, progress)
     record = ShrinkRecord(layers=(layers_before, len(loaded.arch.layer_list(loaded.model))),
                           params=(params_before, parameter_count(loaded.model)), perplexity_before=before,
                           perplexity_after=after, depth_width=summary)
-    report = api.PruneReport(plan=depth.plan if depth is not None else None, out=None, layers_before=layers_before,
+    report = PruneReport(plan=depth.plan if depth is not None else None, out=None, layers_before=layers_before,
                              layers_after=record.layers[1], params_before=params_before,
                              params_after=record.params[1], perplexity_before=before, perplexity_after=after,
                              seconds=time.perf_counter() - start, ppl_windows=ppl_windows, width=wplan,
                              depth_width=summary)
     if out is not None:
-        report.out = save_shrunk(loaded, out, wplan, depth, record, command=command or api._command_line(),
+        report.out = save_shrunk(loaded, out, wplan, depth, record, command=command or command_line(),
                                  overwrite=overwrite)
     return report
 

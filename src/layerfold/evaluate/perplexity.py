@@ -89,3 +89,17 @@ def perplexity(model, tokenizer, source: str, seq_len: int = 128, bos: bool = Fa
                 f"{' (BOS first)' if bos else ', no BOS'}; exp(mean NLL) over {scored} tokens")
     return PerplexityResult(source=source, perplexity=math.exp(nll), nll=nll, tokens_scored=scored,
                             windows=len(windows), seq_len=seq_len, bos=bos, protocol=protocol)
+
+
+def perplexities(loaded, sources: tuple[str, ...], windows: int | None, progress: bool = True,
+                 max_gpu_memory: str | int | None = None, compute_device=None) -> dict[str, float]:
+    """Perplexity of ``loaded`` on each source (128-token windows, the first ``windows``), streamed
+    through the GPU when ``max_gpu_memory`` is given (:func:`layerfold.streaming.streaming_for`)."""
+    from layerfold.data.tokens import CalibrationConfig
+    from layerfold.streaming import streaming_for
+
+    if not sources:
+        return {}
+    with streaming_for(loaded, max_gpu_memory, compute_device, CalibrationConfig(samples=8)):
+        return {s: perplexity(loaded.model, loaded.tokenizer, s, max_windows=windows, progress=progress).perplexity
+                for s in sources}

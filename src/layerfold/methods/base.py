@@ -15,7 +15,7 @@ from layerfold.data.tokens import CalibrationConfig, sample_windows, tokens_hash
 from layerfold.errors import LayerfoldError
 from layerfold.models.arch import layer_parameter_count, parameter_count
 from layerfold.models.load import LoadedModel
-from layerfold.plan import Plan, library_versions
+from layerfold.plan import Plan, PlanResult, library_versions
 from layerfold.registry import Registry
 from layerfold.streaming import LayerStreamer
 
@@ -112,10 +112,6 @@ class PlanContext:
                     provenance={"versions": library_versions(), **self.info}, **fields)
 
 
-@dataclass
-class PlanResult:
-    plan: Plan
-    overrides: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 class Method(BaseModel):

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from layerfold.assets import SMOLLM2, asset_dir, cache_dir
 from layerfold.errors import LayerfoldError
-from layerfold.surgery import save_model
+from layerfold.output import save_model
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -128,3 +128,12 @@ def wrap_model(model: torch.nn.Module, tokenizer=None, source: str = "in-memory"
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def as_loaded(model, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """A :class:`LoadedModel` from one, a bare ``nn.Module``, a hub id, a folder or None (the embedded model)."""
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, torch.nn.Module):
+        return wrap_model(model)
+    return load_model(model, dtype=dtype, device=device)

@@ -27,10 +27,10 @@ from layerfold.calibrate import LayerCache
 from layerfold.data.tokens import CalibrationConfig
 from layerfold.errors import LayerfoldError
 from layerfold.methods.base import PlanContext, PlanResult, Target
-from layerfold.models.load import LoadedModel, load_model, wrap_model
+from layerfold.models.load import LoadedModel, as_loaded
+from layerfold.output import check_out, write_folder
 from layerfold.plan import Plan, library_versions
 from layerfold.similarity import SIMILARITIES, _subsample, _tokens, linear_kernel, rbf_kernel
-from layerfold.surgery import write_folder
 
 DEFAULT_MEASURES = ("cka-linear", "cka-rbf", "cosine", "angular")
 KERNELS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"cka-linear": linear_kernel, "cka-rbf": rbf_kernel}
@@ -163,11 +163,11 @@ def analyze(model: LoadedModel | torch.nn.Module | str | None, out: str | Path,
     start = time.perf_counter()
     kinds = resolve_measures(measures)
     out = Path(out).expanduser().resolve()
-    _refuse_existing(out, overwrite)
+    check_out(out, overwrite)
     if tokens is not None and tokens.dim() != 2:
         raise LayerfoldError(f"tokens must be [samples, tokens] ids, got shape {tuple(tokens.shape)}")
-    loaded = _as_loaded(model)
-    from layerfold.api import streaming_for
+    loaded = as_loaded(model)
+    from layerfold.streaming import streaming_for
 
     calibration = calibration or CalibrationConfig()
     with streaming_for(loaded, max_gpu_memory, compute_device, calibration, tokens) as streamer:
@@ -205,19 +205,6 @@ def read_plan(plan: str | Path | Plan | PlanResult | None, num_layers: int) -> P
     if plan.num_layers != num_layers:
         raise LayerfoldError(f"the plan is for a {plan.num_layers}-layer model, this model has {num_layers} layers")
     return plan
-
-
-def _as_loaded(model) -> LoadedModel:
-    if isinstance(model, LoadedModel):
-        return model
-    if isinstance(model, torch.nn.Module):
-        return wrap_model(model)
-    return load_model(model)
-
-
-def _refuse_existing(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise LayerfoldError(f"output folder {out} exists: choose another --out or pass --overwrite")
 
 
 def _record(ctx: PlanContext, matrices: dict[str, torch.Tensor], plan: Plan | None, given_tokens: bool) -> dict:
