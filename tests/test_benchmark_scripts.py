@@ -1,6 +1,6 @@
-"""The report helpers of benchmarks/ that published figures go through: renaming configurations
-between sessions (report_quality.py) and the paired bootstrap of zero-shot outcomes
-(zeroshot_paired.py)."""
+"""The helpers of benchmarks/ that published figures go through: reading, filtering and renaming quality
+rows (quality/report.py), the paired bootstrap of zero-shot outcomes (quality/paired.py), and the probes
+of the finished studies."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _script(name: str):
-    sys.path.insert(0, str(BENCH))  # zeroshot_paired imports report_quality as the scripts do
+    """The module at ``benchmarks/NAME.py``, imported with benchmarks/ on the path as the scripts run."""
+    sys.path.insert(0, str(BENCH))
     try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(name.replace("/", "."), BENCH / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
@@ -28,7 +29,7 @@ def _script(name: str):
 
 
 def test_renames_swap_two_configurations_and_full_sets_merge_by_configuration(tmp_path):
-    report = _script("report_quality")
+    report = _script("quality/report")
     seven = dict.fromkeys(report.TASKS, 0.5)
     old = tmp_path / "old.jsonl"
     old.write_text(json.dumps({"config": "slm", "ratio": 0.2, "zeroshot": seven, "ppl/ptb@2048": 99.0}) + "\n")
@@ -46,7 +47,7 @@ def test_renames_swap_two_configurations_and_full_sets_merge_by_configuration(tm
 
 
 def test_paired_bootstrap_of_identical_and_dominating_outcomes():
-    paired = _script("zeroshot_paired").paired
+    paired = _script("quality/paired").paired
     a = [np.array([1, 0, 1, 1, 0] * 40, dtype=np.uint8), np.array([0, 1] * 50, dtype=np.uint8)]
     point, low, high, p = paired(a, a, resamples=200, seed=0)
     assert (point, low, high, p) == (0.0, 0.0, 0.0, 1.0)
@@ -62,7 +63,7 @@ def test_copy_probe_scores_only_the_second_copy(bos):
     right elsewhere) scores 100% and zero NLL loss against the probe; one shifted by a token, 0%."""
     import torch
 
-    probe = _script("induction_probe")
+    probe = _script("studies/copying/induction_probe")
     length = 6
     ids = torch.randint(10, 50, (5, length))
     rows = torch.cat([torch.full((5, 1), 1) if bos else ids[:, :0], ids, ids], dim=1)
@@ -87,13 +88,13 @@ def test_copy_probe_scores_only_the_second_copy(bos):
 
 
 def test_copy_aware_calibration_repeats_each_windows_first_half():
-    """quality.py's `slm/books+repeats` plans on the calibration windows followed by each window's
+    """quality/run.py's `slm/books+repeats` plans on the calibration windows followed by each window's
     first half shown twice (no new text); every other configuration on the windows as given."""
     import torch
 
-    sys.path.insert(0, str(BENCH))  # quality.calibration_for imports copy_calibration as the scripts do
+    sys.path.insert(0, str(BENCH))  # calibration_for imports studies.copying.copy_calibration as the scripts do
     try:
-        quality = _script("quality")
+        quality = _script("quality/run")
         tokens = torch.arange(40).reshape(4, 10)
         repeated = quality.calibration_for("slm/books+repeats", tokens)
         plain = quality.calibration_for("slm", tokens)
@@ -106,13 +107,13 @@ def test_copy_aware_calibration_repeats_each_windows_first_half():
 
 
 def test_mc_predictor_measures_of_a_model_against_itself_and_rank_correlation():
-    """mc_predictors.py: a model measured against itself agrees everywhere with KL 0, and the best
+    """studies/mc_predictors: a model measured against itself agrees everywhere with KL 0, and the best
     temperature never scores worse than T=1; Spearman is +1/-1 for monotone orders, ties averaged."""
     import torch
 
     sys.path.insert(0, str(BENCH))
     try:
-        mc = _script("mc_predictors")
+        mc = _script("studies/mc_predictors/mc_predictors")
     finally:
         sys.path.remove(str(BENCH))
     torch.manual_seed(0)
@@ -140,7 +141,7 @@ def test_mc_predictor_measures_of_a_model_against_itself_and_rank_correlation():
 def test_boolq_bias_reads_the_answers_back_from_outcomes():
     """An answerer that says yes to everything is right exactly on the yes questions: its yes rate is 1 and
     its balanced accuracy 50, whatever its accuracy; one right everywhere has balanced accuracy 100."""
-    bias = _script("boolq_bias").bias
+    bias = _script("studies/boolq_bias/boolq_bias").bias
     gold = np.array([1, 1, 1, 0, 1, 0, 0, 1, 1, 1], dtype=np.uint8)
     always_yes = bias(gold.copy(), gold)
     assert always_yes == pytest.approx({"accuracy": 0.7, "yes_rate": 1.0, "balanced": 0.5})
@@ -150,7 +151,7 @@ def test_boolq_bias_reads_the_answers_back_from_outcomes():
 
 
 def test_plot_depth_implied_by_ratios_when_no_unpruned_row():
-    depth = _script("report_quality").implied_depth
+    depth = _script("quality/report").implied_depth
     assert depth({("a", 0.2): {"layers": 24}, ("a", 0.35): {"layers": 20}}) == 30  # round(10.5) = 10
     assert depth({("a", 0.2): {"layers": 14}, ("b", 0.35): {"layers": 12}}) == 18
     assert depth({("a", 0.0): {"layers": 30}}) == 0  # nothing pruned: nothing to infer
@@ -159,14 +160,14 @@ def test_plot_depth_implied_by_ratios_when_no_unpruned_row():
 
 
 def test_cloze_probe_items_and_scores():
-    """The continuation-choice probe of mc_predictors.py: choice 0 continues its context, the others are
+    """The continuation-choice probe of studies/mc_predictors: choice 0 continues its context, the others are
     the spans further on; a model that knows the text's rule always picks choice 0, a uniform one scores
     every choice alike (probe NLL log 4)."""
     import torch
 
     sys.path.insert(0, str(BENCH))
     try:
-        mc = _script("mc_predictors")
+        mc = _script("studies/mc_predictors/mc_predictors")
     finally:
         sys.path.remove(str(BENCH))
     vocab = 50
@@ -197,9 +198,9 @@ def test_cloze_probe_items_and_scores():
 
 
 def test_plan_claims_give_each_plan_to_its_first_claimant(tmp_path):
-    """quality.py --zs-unique: a plan already claimed (by this process, or by another sharing the folder)
+    """quality/run.py --zs-unique: a plan already claimed (by this process, or by another sharing the folder)
     names its first claimant; the same windows at another ratio or in another scope are another plan."""
-    claims_cls = _script("quality").PlanClaims
+    claims_cls = _script("quality/run").PlanClaims
     a = claims_cls(str(tmp_path / "claims"), "smol")
     assert a.claim("slm: 30 -> 24 layers (fuse 12-18)", 0.2, "slm") == "slm"
     assert a.claim("slm: 30 -> 24 layers (fuse 12-18)", 0.2, "slm/optimal+channels") == "slm"
@@ -212,13 +213,37 @@ def test_plan_claims_give_each_plan_to_its_first_claimant(tmp_path):
 
 
 def test_skipped_rows_take_the_outcomes_of_the_plan_they_share():
-    """zeroshot_paired: a row quality.py --zs-unique skipped gets the outcomes of the configuration that
+    """quality/paired.py: a row run.py --zs-unique skipped gets the outcomes of the configuration that
     scored its plan at its ratio, along a chain; one whose owner has no outcomes is left out."""
     rows = [{"config": "slm", "ratio": 0.2, "heldout_docs": {"t": "0110"}},
             {"config": "a", "ratio": 0.2, "phase": "skipped", "same_plan_as": "slm"},
             {"config": "b", "ratio": 0.2, "phase": "skipped", "same_plan_as": "a"},
             {"config": "c", "ratio": 0.35, "phase": "skipped", "same_plan_as": "slm"},
             {"config": "slm", "ratio": 0.2, "phase": "ppl"}]
-    out = {(r["config"], r["ratio"]): r for r in _script("zeroshot_paired").same_plan_rows(rows)}
+    out = {(r["config"], r["ratio"]): r for r in _script("quality/paired").same_plan_rows(rows)}
     assert set(out) == {("slm", 0.2), ("a", 0.2), ("b", 0.2)}
     assert out[("b", 0.2)]["heldout_docs"] == {"t": "0110"} and out[("a", 0.2)]["same_plan_as"] == "slm"
+
+
+def test_rows_filtered_by_their_fields_and_same_plan_rows_show_the_named_rows_figures(tmp_path):
+    """quality/report.py: ``PATH@key=value`` keeps the rows with those values; a row that only names another
+    configuration's plan takes that row's figures (not its pruning time), along a chain."""
+    report = _script("quality/report")
+    rows = tmp_path / "results.jsonl"
+    rows.write_text("\n".join(json.dumps(r) for r in [
+        {"model": "a", "table": "subsets", "config": "x", "ratio": 0.2, "ppl/ptb@128": 10.0, "prune_seconds": 3.0},
+        {"model": "a", "table": "subsets", "config": "y", "ratio": 0.2, "phase": "skipped", "same_plan_as": "x"},
+        {"model": "a", "table": "subsets", "config": "z", "ratio": 0.2, "phase": "skipped", "same_plan_as": "y"},
+        {"model": "b", "table": "subsets", "config": "x", "ratio": 0.2, "ppl/ptb@128": 99.0}]) + "\n")
+    assert [r["model"] for r in report.read_rows(f"{rows}@model=b")] == ["b"]
+    assert len(report.read_rows(f"{rows}@model=a,table=full-sets")) == 0
+    merged = report.with_same_plans(report.load(f"{rows}@model=a"))
+    assert merged[("y", 0.2)]["ppl/ptb@128"] == 10.0 and "prune_seconds" not in merged[("y", 0.2)]
+    assert merged[("z", 0.2)]["ppl/ptb@128"] == 10.0 and merged[("z", 0.2)]["same_plan_as"] == "x"
+
+
+@pytest.mark.parametrize("results", sorted(BENCH.glob("*/results.jsonl")), ids=lambda p: p.parent.name)
+def test_committed_results_rows_say_which_commit_date_and_machine_made_them(results):
+    for line in results.read_text().splitlines():
+        row = json.loads(line)
+        assert row.get("commit") and row.get("date") and row.get("machine"), line[:200]

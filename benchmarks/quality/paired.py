@@ -2,16 +2,18 @@
 
 Two models scored on the same documents differ on fewer documents than two independent samples
 would, so their difference is measured far more tightly than each figure's own standard error
-suggests.  This reads rows written by ``benchmarks/quality.py --zs-docs`` (per-document outcomes)
+suggests.  This reads rows written by ``benchmarks/quality/run.py --zs-docs`` (per-document outcomes)
 and, for each model, ratio and pair of configurations, reports the difference of the means with a
 95% paired bootstrap interval: documents are resampled within each task, the same documents for
 both configurations, and the task means recomputed (the mean over tasks weights tasks equally, as
 the papers' average does).
 
-    python benchmarks/zeroshot_paired.py --rows "SmolLM2-135M=benchmarks/results/session6/smol/zeroshot7-*.jsonl" \\
-        --against slm --key zeroshot
+    R=benchmarks/quality/results.jsonl
+    python benchmarks/quality/paired.py --key zeroshot --against slm \\
+        --rows "SmolLM2-135M=$R@model=SmolLM2-135M,machine=H200 GPU,table=full-sets"
 
-``PATH`` may join several sessions' files with ``;`` (``A/*.jsonl|slm>slm/old;B/*.jsonl``).
+``PATH`` takes quality/report.py's forms (a file, folder or glob; ``@key=value,...`` filters; ``|OLD>NEW``
+renames), several joined by ``;``.
 ``--key heldout`` compares the zero-shot validation tasks instead (``--zs-tasks heldout``),
 ``--per-task`` adds each configuration's accuracy per task, and ``--rank`` prints the mean per
 configuration over every model and ratio given.
@@ -20,15 +22,19 @@ configuration over every model and ratio given.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
-from report_quality import read_sources
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
+from quality.report import read_sources  # noqa: E402
 
 
 def read(spec: str) -> tuple[str, list[dict]]:
-    """``LABEL=PATH`` (``report_quality.read_rows``: a folder, file or glob, ``|OLD>NEW`` renames;
-    several such paths joined by ``;``, each with its own renames) -> the label and its rows with
-    per-document outcomes, a row that ``quality.py --zs-unique`` skipped (``same_plan_as``) taking
+    """``LABEL=PATH`` (``quality.report.read_rows``: a folder, file or glob, ``@key=value`` filters,
+    ``|OLD>NEW`` renames; several such paths joined by ``;``) -> the label and its rows with
+    per-document outcomes, a row that ``quality/run.py --zs-unique`` skipped (``same_plan_as``) taking
     the outcomes of the configuration that scored its plan."""
     label, _, rest = spec.partition("=")
     return label, same_plan_rows(read_sources(rest))
@@ -82,16 +88,20 @@ def compared(a: list[np.ndarray], b: list[np.ndarray], args) -> str:
     return f"{100 * point:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}] | {p:.3f}"
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", action="append", required=True, help="LABEL=PATH of quality.py --zs-docs rows")
+    parser.add_argument("--rows", action="append", required=True, help="LABEL=PATH of run.py --zs-docs rows")
     parser.add_argument("--key", choices=["zeroshot", "heldout"], default="zeroshot")
     parser.add_argument("--against", default="slm", help="the configuration every other is compared with")
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--rank", action="store_true", help="also the mean per configuration over all models/ratios")
     parser.add_argument("--per-task", action="store_true", help="also each configuration's accuracy per task")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Print the comparisons ``args`` ask for (markdown)."""
 
     print(f"Paired bootstrap ({args.resamples} resamples, seed {args.seed}) of `{args.against}` minus each other "
           f"configuration on the `{args.key}` tasks, points of accuracy; `P(<=0)` is the share of resamples in "
@@ -155,4 +165,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(parse())

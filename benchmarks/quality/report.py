@@ -1,21 +1,15 @@
-"""Turn the JSON lines written by benchmarks/quality.py into tables, a JSON summary, a plot and
-the validation ranking that picks layerfold's default.
+"""RESULTS.md of the quality benchmark, generated from results.jsonl: one table per model, machine and
+ratio, the validation rankings that chose the default, the zero-shot tables on the full task sets and
+after healing, and the paired comparisons of per-document zero-shot outcomes (paired.py).
 
-    python benchmarks/report_quality.py --model SmolLM2-135M=benchmarks/results/quality_smol \\
-        --model "Gemma-3-270M (H200)=benchmarks/results/quality_gemma/session3_gpu_*.jsonl" \\
-        --model "Gemma-3-270M (CPU)=benchmarks/results/quality_gemma/session*_cpu*.jsonl" \\
-        --rank "SmolLM2-135M,Gemma-3-270M (CPU)" --rank "SmolLM2-135M,Gemma-3-270M (H200)" \\
-        --fullsets "benchmarks/results/quality_smol_fullsets*.jsonl"
+    python benchmarks/quality/report.py            # writes benchmarks/quality/RESULTS.md and quality.png
 
-Each ``--model LABEL=PATH`` names a folder of ``*.jsonl``, one file or a glob pattern; rows of the
-same configuration and ratio are merged (perplexity phase + zero-shot phase; later files win). A
-label may be given several times (its sources merge in order), and ``LABEL=PATH|OLD>NEW`` renames
-configuration OLD to NEW in that source (``|A>B,C>D``: several at once). ``--same-plan
-LABEL:CONFIG@RATIO=OTHER`` shows, for a configuration whose plan was checked to equal OTHER's
-(same removed layers, same fused layers), OTHER's measured figures, marked as such in the table.
-Prints markdown (one table per model and ratio, one validation ranking per ``--rank`` list of
-labels, default all of them, then the ``--fullsets`` zero-shot table) and writes quality.json and
-quality.png into ``--out``.
+Rows of the same configuration and ratio within one table are merged (the perplexity phase and the
+zero-shot phase; later rows win). A row that names another configuration's plan (``same_plan_as``: its
+plan was checked to equal that one's) shows that configuration's figures, marked as such. The helpers
+also read rows written by run.py before they are folded into results.jsonl: ``PATH`` is a folder of
+``*.jsonl``, one file or a glob; ``PATH|OLD>NEW`` renames configuration OLD to NEW (``|A>B,C>D``: several
+at once); ``PATH@key=value,...`` keeps the rows whose fields have those values (``@table=full-sets``).
 """
 
 from __future__ import annotations
@@ -46,16 +40,19 @@ def files_of(spec: str) -> list[Path]:
 
 
 def read_rows(spec: str) -> list[dict]:
-    """The rows of the files at ``spec``; ``PATH|OLD>NEW`` renames configuration OLD to NEW in
+    """The rows of the files at ``spec``; ``PATH@key=value,...`` keeps the rows with those values;
+    ``PATH|OLD>NEW`` renames configuration OLD to NEW in
     them (rows measured before a default changed keep their meaning), ``PATH|A>B,C>D`` several at
     once (each row renamed at most once, so two names can swap)."""
+    spec, _, where = spec.partition("@")
     path, _, renames = spec.partition("|")
+    wanted = dict(pair.split("=", 1) for pair in where.split(",")) if where else {}
     mapping = dict(pair.split(">", 1) for pair in renames.split(",")) if renames else {}
     rows = []
     for file in files_of(path):
         for line in file.read_text().splitlines():
             row = json.loads(line)
-            if "config" not in row:
+            if "config" not in row or any(str(row.get(k)) != v for k, v in wanted.items()):
                 continue
             row["config"] = mapping.get(row["config"], row["config"])
             rows.append(row)
@@ -202,60 +199,123 @@ def plot(models: dict[str, dict], out: Path, default: str = "slm") -> None:
     fig.savefig(out, dpi=110)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", action="append", required=True, help="LABEL=PATH (folder of .jsonl or a file)")
-    parser.add_argument("--default", default="slm", help="the configuration marked as layerfold's default")
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--rank", action="append", default=[],
-                        help="comma list of model labels for one validation ranking (repeatable; default: all)")
-    parser.add_argument("--same-plan", action="append", default=[], metavar="LABEL:CONFIG@RATIO=OTHER",
-                        help="CONFIG builds the same model as OTHER there (checked apart): show OTHER's figures")
-    parser.add_argument("--fullsets", action="append", default=[],
-                        help="zero-shot rows on the full task sets: [LABEL=]sources as --model's PATH, "
-                             "';'-separated (LABEL defaults to SmolLM2-135M); once per model")
-    args = parser.parse_args()
-    models = {}
-    for spec in args.model:  # a label given twice merges its sources, later ones winning
-        label, _, path = spec.partition("=")
-        models[label] = load(path, models.get(label))
-    for spec in args.same_plan:
-        label, _, rest = spec.partition(":")
-        target, _, other = rest.partition("=")
-        config, _, ratio = target.partition("@")
-        source = models.get(label, {}).get((other, float(ratio)))
-        if source is None:
-            parser.error(f"--same-plan {spec}: no row {other} at {ratio} for {label}")
-        # the figures are the model's; the pruning time was OTHER's, not this configuration's
-        models[label][(config, float(ratio))] = {**{k: v for k, v in source.items() if k != "prune_seconds"},
-                                                 "config": config, "same_plan_as": other}
-    for labels in args.rank:
-        unknown = [name for name in labels.split(",") if name not in models]
-        if unknown:
-            parser.error(f"--rank names unknown labels {unknown}; known: {list(models)}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps(
-        {label: [{"config": k[0], "ratio": k[1], **v} for k, v in sorted(rows.items())]
-         for label, rows in models.items()}, indent=1) + "\n")
-    plot(models, out / "quality.png", args.default)
+HERE = Path(__file__).resolve().parent
+SMOL, GEMMA, H200, CPU = "SmolLM2-135M", "Gemma-3-270M", "H200 GPU", "2-core CPU"
+# label -> the rows of results.jsonl it shows
+TABLES = {
+    f"{SMOL} (H200)": {"model": SMOL, "machine": H200, "table": "subsets"},
+    f"{GEMMA} (H200)": {"model": GEMMA, "machine": H200, "table": "subsets"},
+    f"{GEMMA} (CPU, first 30 windows of each text)": {"model": GEMMA, "machine": CPU, "table": "subsets"},
+    f"{SMOL}, healed (H200)": {"model": SMOL, "machine": H200, "table": "healed"},
+    f"{GEMMA}, healed (H200)": {"model": GEMMA, "machine": H200, "table": "healed"},
+}
+RANKINGS = [(f"{SMOL} (H200)", f"{GEMMA} (H200)"), (f"{SMOL} (H200)", f"{GEMMA} (CPU, first 30 windows of each text)")]
+FULL_SETS = {f"{model} (H200)": {"model": model, "machine": H200, "table": "full-sets"} for model in (SMOL, GEMMA)}
+# paired comparisons (paired.py): title, tables of rows, its options
+PAIRED = [
+    ("Zero-shot validation tasks (the tie-break of the default's rule), paired against the default", "validation-tasks",
+     ["--key", "heldout", "--rank", "--per-task"]),
+    ("The seven reported tasks on the full task sets, paired against the default", "full-sets", ["--key", "zeroshot"]),
+    ("The seven tasks after healing every plan alike (LoRA, `layerfold heal`'s recipe), paired against the healed "
+     "default", "healed", ["--key", "zeroshot", "--against", "slm+lora", "--rank", "--per-task"]),
+]
+
+
+def spec_of(results: Path, where: dict[str, str]) -> str:
+    """A :func:`read_rows` spec for the rows of ``results`` with the values of ``where``."""
+    return f"{results}@" + ",".join(f"{k}={v}" for k, v in where.items())
+
+
+def with_same_plans(rows: dict[tuple[str, float], dict]) -> dict[tuple[str, float], dict]:
+    """Rows that only name another configuration's plan (``same_plan_as``) take that row's figures, not
+    its pruning time (followed along chains)."""
+    for key, row in rows.items():
+        other = row.get("same_plan_as")
+        seen = {key[0]}
+        while other and (other, key[1]) in rows and other not in seen and rows[(other, key[1])].get("same_plan_as"):
+            seen.add(other)
+            other = rows[(other, key[1])]["same_plan_as"]
+        source = rows.get((other, key[1])) if other else None
+        if source and not any(k.startswith("ppl/") for k in row):
+            row.update({k: v for k, v in source.items() if k not in ("prune_seconds", "config", "same_plan_as")})
+            row["same_plan_as"] = other
+    return rows
+
+
+def provenance(results: Path) -> str:
+    """Which commits, dates and machines made the rows of each table."""
+    seen: dict[tuple, int] = {}
+    for line in results.read_text().splitlines():
+        r = json.loads(line)
+        key = (r["model"], r["table"], r["machine"], r["commit"], r["date"])
+        seen[key] = seen.get(key, 0) + 1
+    lines = ["| model | table | machine | commit | date | rows |", "|---|---|---|---|---|---|"]
+    lines += [f"| {' | '.join(k)} | {n} |" for k, n in sorted(seen.items())]
+    return "\n".join(lines)
+
+
+def paired_section(results: Path, table_name: str, options: list[str]) -> str:
+    """The output of paired.py for ``table_name``'s H200 rows of both models."""
+    import contextlib
+    import io
+    import sys
+
+    sys.path.insert(0, str(HERE.parent))
+    from quality import paired
+
+    argv = [*options]
+    for model in (SMOL, GEMMA):
+        argv += ["--rows", f"{model}=" + spec_of(results, {"model": model, "machine": H200, "table": table_name})]
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        paired.run(paired.parse(argv))
+    return buffer.getvalue().strip()
+
+
+def render(results: Path, out: Path, default: str = "slm", plot_to: Path | None = None) -> str:
+    """RESULTS.md's text for ``results``; the plot goes to ``plot_to`` when given."""
+    models = {label: with_same_plans(load(spec_of(results, where))) for label, where in TABLES.items()}
+    parts = [
+        "# Quality benchmark: results",
+        "",
+        f"Generated by `python benchmarks/quality/report.py` from `{results.name}`; do not edit by hand. The "
+        "protocol, the rule that chose the default and the commands are in README.md beside this file. "
+        "Perplexities are fixed-length token perplexities (128 tokens unless marked @2048); zero-shot figures "
+        "are accuracies in percent; rows are sorted by PTB-valid, the validation text the default was chosen on.",
+    ]
     for label, rows in models.items():
         for ratio in sorted({k[1] for k in rows if k[1] > 0}):
-            print(f"\n### {label}, {int(round(ratio * 100))}% of decoder layers removed\n")
-            print(table(rows, ratio, args.default))
-    for labels in args.rank or [",".join(models)]:
-        ranked, cases = ranking({name: models[name] for name in labels.split(",")})
-        print("\n### Validation ranking (geometric mean of PTB-valid perplexity over "
-              + ", ".join(f"{m} {int(round(r * 100))}%" for m, r in cases) + ")\n")
-        print("| rank | configuration | geometric mean | "
-              + " | ".join(f"{m} {int(round(r * 100))}%" for m, r in cases) + " |")
-        print("|" + "---|" * (3 + len(cases)))
-        for i, (g, name, values) in enumerate(ranked, 1):
-            print(f"| {i} | {name} | {fmt(g)} | " + " | ".join(fmt(v) for v in values) + " |")
-    for spec in args.fullsets:
-        label, _, sources = spec.partition("=") if "=" in spec.split("|")[0] else ("", "", spec)
-        print(f"\n### Zero-shot on the full task sets ({label or 'SmolLM2-135M'})\n")
-        print(fullsets_table(sources))
+            parts += ["", f"## {label}, {int(round(ratio * 100))}% of decoder layers removed", "",
+                      table(rows, ratio, default)]
+    for labels in RANKINGS:
+        ranked, cases = ranking({name: models[name] for name in labels})
+        names = [f"{m} {int(round(r * 100))}%" for m, r in cases]
+        parts += ["", "## Validation ranking (geometric mean of PTB-valid perplexity over " + ", ".join(names) + ")",
+                  "", "| rank | configuration | geometric mean | " + " | ".join(names) + " |",
+                  "|" + "---|" * (3 + len(cases))]
+        parts += [f"| {i} | {name} | {fmt(g)} | " + " | ".join(fmt(v) for v in values) + " |"
+                  for i, (g, name, values) in enumerate(ranked, 1)]
+    for label, where in FULL_SETS.items():
+        parts += ["", f"## Zero-shot on the full task sets: {label}", "", fullsets_table(spec_of(results, where))]
+    for title, table_name, options in PAIRED:
+        parts += ["", f"## {title}", "", paired_section(results, table_name, options)]
+    parts += ["", "## Where the rows come from", "", provenance(results)]
+    if plot_to is not None:
+        plot(models, plot_to, default)
+        parts += ["", f"![perplexity and zero-shot against layers removed]({plot_to.name})"]
+    return "\n".join(parts) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--results", type=Path, default=HERE / "results.jsonl")
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--default", default="slm", help="the configuration marked as layerfold's default")
+    parser.add_argument("--no-plot", action="store_true", help="skip quality.png (needs matplotlib)")
+    args = parser.parse_args()
+    plot_to = None if args.no_plot else args.out.with_name("quality.png")
+    args.out.write_text(render(args.results, args.out, args.default, plot_to))
+    print(f"wrote {args.out}" + (f" and {plot_to}" if plot_to else ""))
 
 
 if __name__ == "__main__":

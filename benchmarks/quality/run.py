@@ -6,7 +6,7 @@ time, perplexity (WikiText-2 and PTB test at 128 and 2048 tokens, LAMBADA evalua
 128, PTB *valid* at 128: the validation figure on which layerfold's defaults are chosen),
 and the seven-task zero-shot average through lm-evaluation-harness (with and without BoolQ);
 ``--zs-tasks heldout`` scores the zero-shot validation tasks instead, ``--zs-docs`` keeps each
-document's outcome for paired comparisons (benchmarks/zeroshot_paired.py).  ``--heal`` LoRA-heals
+document's outcome for paired comparisons (benchmarks/quality/paired.py).  ``--heal`` LoRA-heals
 each zero-shot configuration first, with ``layerfold heal``'s recipe on the calibration books
 (never evaluation text), and names its rows ``NAME+lora``: the comparison after recovery.
 
@@ -14,7 +14,10 @@ Each row is appended to ``--out`` as one JSON line the moment it is done, so a r
 keeps what it finished.  ``--budget-s`` skips zero-shot for rows started after that many
 seconds (their perplexities are still measured).
 
-    python benchmarks/quality.py --device cuda --out results.jsonl
+    python benchmarks/quality/run.py --device cuda --out rows.jsonl
+
+The configurations are named in configs.py; results.jsonl holds the committed rows (each with commit,
+date and machine) and report.py turns them into RESULTS.md.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -35,72 +39,8 @@ from layerfold.data.tokens import CalibrationConfig, sample_windows
 from layerfold.evaluate.perplexity import perplexity
 from layerfold.methods.base import Target
 
-# name -> (method, options); the first block are SLM variants, then the baselines.  Variants measured
-# before rescale=kl became the default (session 4) pin rescale=none, and those of session 4 pin rescale=kl
-# (channels+kl was the default in session 5, channels is from session 6), so their names keep their meaning.
-CONFIGS: dict[str, tuple[str, dict]] = {
-    "slm": ("slm", {}),  # the default: portfolio, base merge, cosine pick, rescale=channels (from session 6)
-    "slm/no-rescale": ("slm", {"rescale": "none"}),  # the default of sessions 2-3 (rows named "slm" then)
-    "slm/rescale-kl": ("slm", {"rescale": "kl"}),  # the default of session 4 (rows named "slm" then)
-    "slm-paper": ("slm-paper", {}),
-    "slm-reference": ("slm-reference", {}),
-    "slm-paper/cka-linear": ("slm-paper", {"criterion": "cka-linear"}),
-    "slm-paper/cka-rbf": ("slm-paper", {"criterion": "cka-rbf"}),
-    "slm-paper/angular": ("slm-paper", {"criterion": "angular"}),
-    "slm-paper/mean": ("slm-paper", {"merge": "mean"}),
-    "slm-paper/base": ("slm-paper", {"merge": "base"}),
-    "slm-paper/diff+fit": ("slm-paper", {"fit": "ridge"}),
-    "slm/optimal+base": ("slm", {"selection": "optimal", "merge": "base", "fit": "none", "rescale": "none"}),
-    "slm/optimal+base+fit": ("slm", {"selection": "optimal", "merge": "base", "fit": "ridge"}),
-    "slm/optimal+diff+fit": ("slm", {"selection": "optimal", "merge": "diff", "fit": "ridge"}),
-    "slm/optimal+mean+fit": ("slm", {"selection": "optimal", "merge": "mean", "fit": "ridge"}),
-    "slm/greedy+base": ("slm", {"selection": "greedy", "merge": "base", "fit": "none", "rescale": "none"}),
-    "slm/greedy+base+fit": ("slm", {"selection": "greedy", "merge": "base", "fit": "ridge"}),
-    "slm/greedy+mean+fit": ("slm", {"selection": "greedy", "merge": "mean", "fit": "ridge"}),
-    "slm/greedy-loss+base+fit": ("slm", {"selection": "greedy", "criterion": "loss", "merge": "base", "fit": "ridge"}),
-    "slm/greedy+refine": ("slm", {"selection": "greedy", "refine": 3, "rescale": "none"}),
-    "slm/greedy+refine-r2": ("slm", {"selection": "greedy", "refine": 3, "refine_radius": 2, "rescale": "none"}),
-    "slm/portfolio": ("slm", {"selection": "portfolio", "rescale": "none"}),
-    # candidates compared by next-token KL (portfolio_heldout.md)
-    "slm/pick-kl": ("slm", {"pick": "kl", "rescale": "none"}),
-    "slm/rescale-cos": ("slm", {"rescale": "criterion"}),  # the factor chosen by the output cosine instead
-    "slm/pick-kl+rescale": ("slm", {"pick": "kl", "rescale": "kl"}),
-    "slm/optimal+rescale": ("slm", {"selection": "optimal", "rescale": "kl"}),
-    "slm/greedy+rescale": ("slm", {"selection": "greedy", "rescale": "kl"}),
-    # session 5: per-channel factors fitted in closed form (channel_ridge 3), alone and before the grid factor
-    "slm/channels": ("slm", {"rescale": "channels"}),
-    "slm/channels+kl": ("slm", {"rescale": "channels+kl"}),  # the default of session 5 (rows named "slm" then)
-    "slm/pick-kl+channels": ("slm", {"pick": "kl", "rescale": "channels"}),
-    "slm/portfolio+refine": ("slm", {"selection": "portfolio", "refine": 3, "rescale": "none"}),
-    "slm/greedy-loss+base": ("slm", {"selection": "greedy", "criterion": "loss", "rescale": "none"}),
-    "slm/portfolio-loss+refine": ("slm", {"selection": "portfolio", "criterion": "loss", "refine": 3,
-                                          "rescale": "none"}),
-    "shortgpt": ("shortgpt", {}),
-    "angular": ("angular", {}),
-    "laco": ("laco", {}),
-    "sleb": ("sleb", {}),
-    "shortened-ppl": ("shortened-ppl", {}),
-    "shortened-taylor": ("shortened-taylor", {}),
-    "last-n": ("last-n", {}),
-    # session 5: a baseline's removed layers with slm's per-channel factors fitted after (is the gain the
-    # correction alone?); benchmark-only, see with_channels
-    "shortgpt+channels": ("shortgpt", {}),
-    "sleb+channels": ("sleb", {}),
-    # session 7: the default planned on copy-aware calibration (copying.md): each calibration window also
-    # shown as its own first half twice, the same tokens (copy_calibration.with_repeats); benchmark-only
-    "slm/books+repeats": ("slm", {}),
-    # session 7: the library's selection=influence builds shortgpt+channels' plans (the same windows, channel
-    # factors within 1e-7: the plan's six-decimal rounding); shortgpt+channels names the rows measured
-    "slm/influence": ("slm", {"selection": "influence"}),
-    # session 9: the portfolio's candidates compared by the continuation-choice probe on the calibration source
-    # (layerfold.choice), and each candidate alone with the default's channel correction
-    "slm/pick-choice": ("slm", {"pick": "choice"}),
-    "slm/greedy+channels": ("slm", {"selection": "greedy"}),
-    "slm/optimal+channels": ("slm", {"selection": "optimal"}),
-    "slm/angular+channels": ("slm", {"selection": "angular"}),
-}
-WITH_CHANNELS = ("shortgpt+channels", "sleb+channels")
-CALIB_REPEATS = ("slm/books+repeats",)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: quality.configs, studies, lab
+from quality.configs import ALWAYS_ZEROSHOT, CALIB_REPEATS, CONFIGS, LAB, WITH_CHANNELS, require_lab  # noqa: E402
 
 PPL = [("wikitext2", 128), ("ptb", 128), ("lambada", 128), ("ptb-valid", 128), ("wikitext2", 2048), ("ptb", 2048)]
 
@@ -124,7 +64,7 @@ def measure(loaded, args, lengths: tuple[int, ...] = (128,)) -> dict:
 def zeroshot_row(loaded, args) -> dict:
     """The zero-shot figures of ``loaded`` on ``--zs-tasks``: the seven tasks under ``zeroshot`` (with
     the papers' means), any other group under ``heldout`` (with its plain mean); ``--zs-docs`` adds
-    the per-document outcomes (``*_docs``) that benchmarks/zeroshot_paired.py compares."""
+    the per-document outcomes (``*_docs``) that benchmarks/quality/paired.py compares."""
     from layerfold.evaluate.zeroshot import ZEROSHOT7, evaluate_zeroshot, resolve_tasks
 
     seven = tuple(resolve_tasks(args.zs_tasks)) == ZEROSHOT7
@@ -182,9 +122,9 @@ def with_channels(loaded, result, tokens):
 
 def calibration_for(name: str, tokens: torch.Tensor) -> torch.Tensor:
     """The calibration tokens configuration ``name`` plans on: ``tokens``, or for CALIB_REPEATS the
-    copy-aware set of copy_calibration.py (each window followed by its first half twice)."""
+    copy-aware set of studies/copying/copy_calibration.py (each window followed by its first half twice)."""
     if name in CALIB_REPEATS:
-        from copy_calibration import with_repeats
+        from studies.copying.copy_calibration import with_repeats
 
         return with_repeats(tokens)
     return tokens
@@ -194,6 +134,8 @@ def plan_config(loaded, name: str, ratio: float, calib: CalibrationConfig, token
     """The plan of configuration ``name`` (CONFIGS) at ``ratio`` for ``loaded``, on its calibration tokens
     (:func:`calibration_for`), with slm's channel factors fitted after it for WITH_CHANNELS."""
     method, options = CONFIGS[name]
+    if method == LAB:
+        require_lab()
     result = api.make_plan(loaded, method, Target(ratio=ratio), calib, options, progress=False,
                            tokens=calibration_for(name, tokens))
     return with_channels(loaded, result, tokens) if name in WITH_CHANNELS else result
@@ -228,8 +170,15 @@ class PlanClaims:
         return self.owners[key]
 
 
-BASELINES = ["shortgpt", "sleb", "angular", "laco", "shortened-ppl", "shortened-taylor", "last-n"]
-ALWAYS_ZEROSHOT = ["slm", "slm-paper", "slm-reference", *BASELINES]
+def git_commit() -> str | None:
+    """The short commit of the checkout this runs from, or None outside a git checkout (pass --commit)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def main() -> None:
@@ -269,6 +218,7 @@ def main() -> None:
                         help="LoRA-heal each zero-shot configuration first (rows NAME+lora, with their 128-token "
                              "perplexities)")
     parser.add_argument("--heal-epochs", type=float, default=2.0, help="epochs over the book text (layerfold heal: 2)")
+    parser.add_argument("--commit", default=None, help="layerfold commit recorded in each row (default: git's HEAD)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     start = time.perf_counter()
@@ -278,7 +228,9 @@ def main() -> None:
     tokens = sample_windows(base.tokenizer, calib)
     names = list(CONFIGS) if args.configs == "all" else [c for c in args.configs.split(",") if c != "none"]
     ratios = [float(r) for r in args.ratios.split(",")]
-    env = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
+    env = {"commit": args.commit or git_commit(), "date": time.strftime("%Y-%m-%d", time.gmtime()),
+           "machine": device if device != "cpu" else f"{os.cpu_count()}-core CPU", "device": device,
            "torch": torch.__version__, "calibration": calib.describe()}
 
     def emit(row: dict) -> None:

@@ -15,9 +15,13 @@ answerer that ignores the question, whatever its bias.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
-from zeroshot_paired import outcomes, read
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/
+from quality.paired import outcomes, read  # noqa: E402
 
 
 def boolq_answers() -> np.ndarray:

@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
+from pathlib import Path
 
 import torch
-from induction_probe import probe_sequences, record
 
 from layerfold import api
 from layerfold.data.tokens import CalibrationConfig, sample_windows
 from layerfold.evaluate.perplexity import perplexity
 from layerfold.methods.base import Target
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/
+from studies.copying.induction_probe import probe_sequences, record  # noqa: E402
 
 
 def with_repeats(tokens: torch.Tensor) -> torch.Tensor:

@@ -23,15 +23,19 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
-from quality import plan_config
 
 from layerfold import api
 from layerfold.data.tokens import CalibrationConfig, sample_windows
 from layerfold.methods.base import PlanResult
 from layerfold.plan import Operation, Plan
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/
+from quality.run import plan_config  # noqa: E402
 
 
 def probe_sequences(tokenizer, samples: int, length: int, seed: int, bos: bool = False) -> dict[str, torch.Tensor]:

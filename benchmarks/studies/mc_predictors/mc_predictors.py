@@ -14,7 +14,7 @@ of several configurations (the same plans as benchmarks/quality.py builds) on th
 - ``agree``: the share where it is the dense model's first choice;
 - ``kl``: KL(dense || pruned) of the next-token distributions;
 - ``cloze`` and ``cloze_nll`` (session 8): a multiple-choice probe built from the same text, scored as
-  the zero-shot tasks score answers (:mod:`layerfold.choice`, which ``slm --set pick=choice`` runs on
+  the zero-shot tasks score answers (:mod:`lab.choice`, which ``slm --set pick=choice`` runs on
   the calibration source). Each of ``--cloze-items`` items is a 96-token context, its true
   32-token continuation and three distractors, the 32 tokens at the same place 256, 512 and 768 tokens
   further on (the same kind of text, often the same article); a choice's score is the summed
@@ -39,9 +39,13 @@ import argparse
 import copy
 import json
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/
 
 TEMPERATURES = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.15, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0]
 MEASURES = {"nll": -1, "nll_t": -1, "top1": 1, "agree": 1, "kl": -1,  # sign: +1 when higher is better
@@ -76,23 +80,33 @@ def measures(model, dense, windows: torch.Tensor, batch_size: int) -> dict:
             "tokens": count}
 
 
+def lab_choice():
+    """benchmarks/lab's continuation-choice probe (the one ``slm-lab --set pick=choice`` compares plans by)."""
+    from quality.configs import require_lab
+
+    require_lab()
+    from lab import choice
+
+    return choice
+
+
 def cloze_items(stream: torch.Tensor, count: int, bos_id: int | None = None) -> torch.Tensor:
-    """``[count, 4, length]`` token ids of the probe (:func:`layerfold.choice.choice_items`)."""
-    from layerfold.choice import choice_items
+    """``[count, 4, length]`` token ids of the probe (:func:`lab.choice.choice_items`)."""
+    choice_items = lab_choice().choice_items
 
     return choice_items(stream, count, bos_id)
 
 
 def cloze_measures(model, items: torch.Tensor, batch_size: int) -> dict:
     """``cloze`` and ``cloze_nll`` of ``model`` on :func:`cloze_items` (choice 0 is the true one)."""
-    from layerfold.choice import model_choice_score
+    model_choice_score = lab_choice().model_choice_score
 
     score = model_choice_score(model, items, batch_size=batch_size)
     return {"cloze": score.accuracy, "cloze_nll": score.nll, "cloze_items": len(items)}
 
 
 def run(args) -> None:
-    from quality import plan_config
+    from quality.run import plan_config
 
     from layerfold import api
     from layerfold.data.sources import load_text
@@ -132,7 +146,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 def report(args) -> None:
     """Per model and ratio: each plan's measures beside its held-out mean, and each measure's Spearman
     correlation with the held-out mean across the plans."""
-    from zeroshot_paired import mean_accuracy, outcomes, read
+    from quality.paired import mean_accuracy, outcomes, read
 
     pooled: dict[str, list[float]] = {m: [] for m in MEASURES}
     for spec, path in zip(args.heldout, args.report, strict=True):

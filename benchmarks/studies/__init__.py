@@ -1,0 +1,1 @@
+"""Finished investigations, each frozen with its script, results and finding."""
