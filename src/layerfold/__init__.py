@@ -6,7 +6,7 @@ The public Python API lives in :mod:`layerfold.api`; heavy imports happen lazily
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from layerfold.version import __version__
 
 __all__ = ["__version__", "analyze", "evaluate", "load_model", "make_plan", "prune", "apply_plan"]
 
