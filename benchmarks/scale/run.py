@@ -1,7 +1,8 @@
 """Larger than the GPU: a Llama-2-13B-shaped model planned with the GPU capped at 8 GiB.
 
-    PYTHONPATH=src python3 benchmarks/scale.py --out scale.json            # one H200 (or several)
-    PYTHONPATH=src python3 benchmarks/scale.py --tiny --out scale-tiny.json  # a CPU smoke test
+    python3 benchmarks/scale/run.py --out scale.json              # one H200 (or several)
+    python3 benchmarks/scale/run.py --tiny --out scale-tiny.json  # a CPU smoke test
+    python benchmarks/scale/report.py                             # RESULTS.md from results.jsonl
 
 The model is random-initialised from Llama-2-13B's shape (40 layers, hidden 5120, MLP 13824, 40
 heads, vocab 32000), bf16, held in CPU memory (the random weights are drawn on the GPU when

@@ -1,11 +1,13 @@
 """Speed benchmarks on random-initialised models of real shapes (speed does not depend on weight values).
 
-    python benchmarks/speed.py inference --shape 7b --remove 11 --out inference-7b.json
-    python benchmarks/speed.py inference --shape 7b --remove 6,11 --modes graph --out graph-7b.json
-    python benchmarks/speed.py inference --shape 7b --remove 6,11 --modes graph,graph-compiled --budget-s 420 \
+    python benchmarks/speed/run.py inference --shape 7b --remove 11 --out inference-7b.json
+    python benchmarks/speed/run.py inference --shape 7b --remove 6,11 --modes graph,graph-compiled --budget-s 420 \
         --out graph-compiled-7b.json
-    python benchmarks/speed.py pruning --shape 7b --out pruning-7b.json
-    python benchmarks/speed.py markdown inference-7b.json pruning-7b.json
+    python benchmarks/speed/run.py pruning --shape 7b --matrices fast --repeats 3 --out pruning-7b.json
+    python benchmarks/speed/run.py markdown inference-7b.json pruning-7b.json
+
+The committed runs are rows of results.jsonl (each with commit, date, machine and the result), and
+report.py writes RESULTS.md from them with this script's markdown.
 
 ``inference``: layerfold's speed bench (``layerfold.bench.speed``) on the dense model and one
 copy per ``--remove`` count (e.g. ``6,11``: 20% and 35% of 32 layers), pruned in memory by
@@ -52,7 +54,7 @@ from layerfold.bench.speed import (
 from layerfold.plan import Operation, Plan
 from layerfold.surgery import apply_plan
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the authors' loop
 from naive_slm import naive_slm  # noqa: E402
 
 SHAPES = {
@@ -360,7 +362,7 @@ def run_pruning(args) -> dict:
     def repeated(fn: Callable[[], object]) -> tuple[float, list[float], int | None, object]:
         """Median wall time of ``--repeats`` runs after the first (cold) one, every run's time, the
         largest peak of any run, and the last value.  The engine and the naive loop get the same
-        treatment; with ``--repeats 0`` the single cold run is the figure (what session 2 did)."""
+        treatment; with ``--repeats 0`` the single cold run is the figure."""
         times, peak, value = [], None, None
         for _ in range(1 + args.repeats):
             with PeakMemory() as mem:
