@@ -13,8 +13,10 @@ Measured: perplexity = exp(mean token NLL) over the first 60 non-overlapping 128
 No recovery training.  Depth: --method (default slm) with ``Target(param_ratio=D * P)``;
 width: wanda-sp importance, whole KV groups, uniform widths, MLP width a multiple of 8.
 
-    LAYERFOLD_WIKITEXT2=/work/shared/data/wikitext-2-raw/wiki.test.raw \\
-        python benchmarks/depth_width.py --out benchmarks/results/depth_width
+    LAYERFOLD_WIKITEXT2=/path/wiki.test.raw python benchmarks/depth_width/run.py --out depth_width
+
+writes ``depth_width.json`` (the record) and prints its markdown; the committed record is a row of
+results.jsonl (``kind: cpu-run``) and report.py writes RESULTS.md from it and the GPU rows (run_gpu.py).
 """
 
 from __future__ import annotations
@@ -174,16 +176,6 @@ def markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
-def _gpu_section(md: Path) -> str:
-    """The GPU section that ``depth_width_gpu.py report`` wrote into ``md``, kept across CPU reruns."""
-    from depth_width_gpu import BEGIN, END
-
-    text = md.read_text() if md.exists() else ""
-    if BEGIN not in text or END not in text:
-        return ""
-    return BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END + "\n"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", default="0.2,0.35")
@@ -195,7 +187,7 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=16)
     parser.add_argument("--variants", default="flap:auto,taylor:auto,wanda-sp:groups,wanda-sp:query-heads",
                         help="width-only variants importance:attention ('' for none)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/depth_width"))
+    parser.add_argument("--out", type=Path, default=Path("depth_width"), help="writes OUT.json")
     args = parser.parse_args()
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -231,9 +223,6 @@ def main() -> None:
     record["seconds"] = round(time.perf_counter() - start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-    md = args.out.with_suffix(".md")
-    gpu = _gpu_section(md)
-    md.write_text(markdown(record) + (f"\n{gpu}" if gpu else ""))
     partial.unlink(missing_ok=True)
     print(markdown(record))
 

@@ -17,19 +17,19 @@ zero-shot accuracy and inference speed against the dense model, in one command.
                  ``measure_models`` call per batch size, dense first (the reference).
             Nothing new starts after --budget-s seconds (a "skipped" row says what was left),
             so a run cut by a time limit keeps every finished row.
-    report  regenerate the GPU section of benchmarks/results/depth_width.md from a JSONL (the
-            CPU section, written by benchmarks/depth_width.py, is kept as it is).
+    report  print the GPU tables of a JSONL (or write them between markers into a markdown file);
+            the committed rows are in results.jsonl and report.py writes RESULTS.md from them.
 
 On the H200 (no network; SmolLM2 through layerfold's loader, WikiText-2 from $LAYERFOLD_WIKITEXT2):
 
     PYTHONPATH=src LAYERFOLD_WIKITEXT2=/path/wiki.test.raw HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \\
-        python benchmarks/depth_width_gpu.py run --device cuda --out $OUT
-    python benchmarks/depth_width_gpu.py report $OUT/depth_width_gpu.jsonl --md benchmarks/results/depth_width.md
+        python benchmarks/depth_width/run_gpu.py run --device cuda --out $OUT
+    python benchmarks/depth_width/run_gpu.py report $OUT/depth_width_gpu.jsonl
 
 Smoke test on a CPU (SmolLM2 cut to 6 layers, its first 5 and its last; budgets 10% and 20%; 4 x 64
 calibration tokens; 2 perplexity windows; 2 documents per zero-shot task; eager speed, 4 new tokens):
 
-    PYTHONPATH=src python benchmarks/depth_width_gpu.py run --device cpu --tiny --out /tmp/dwg
+    python benchmarks/depth_width/run_gpu.py run --device cpu --tiny --out /tmp/dwg
 """
 
 from __future__ import annotations
@@ -47,14 +47,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from depth_width import git_commit  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
+from depth_width.run import git_commit  # noqa: E402
 
 JSONL = "depth_width_gpu.jsonl"
 SOURCES = ("wikitext2", "ptb")
 TASK_NAMES = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
               "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
-BEGIN, END = "<!-- depth_width_gpu: begin (written by benchmarks/depth_width_gpu.py report) -->", \
+BEGIN, END = "<!-- depth_width_gpu: begin (written by benchmarks/depth_width/run_gpu.py report) -->", \
     "<!-- depth_width_gpu: end -->"
 TINY = {"ratios": "0.1,0.2", "calib_samples": 4, "calib_seq_len": 64, "held_out": 4, "ppl_windows": 2,
         "zs_limit": 2, "zs_batch": 8, "speed_modes": "eager", "speed_batch_sizes": "1,2", "new_tokens": 4,
@@ -66,14 +66,15 @@ def log(msg: str) -> None:
 
 
 class Writer:
-    """Appends one JSON row per result to the JSONL, flushed at once."""
+    """Appends one JSON row per result to the JSONL, flushed at once; every row says which commit, date and
+    machine made it (``stamp``)."""
 
-    def __init__(self, path: Path, run_id: str) -> None:
+    def __init__(self, path: Path, run_id: str, stamp: dict | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.run_id = path, run_id
+        self.path, self.run_id, self.stamp = path, run_id, stamp or {}
 
     def __call__(self, kind: str, **row) -> dict:
-        row = {"kind": kind, "run": self.run_id, **row}
+        row = {"kind": kind, "run": self.run_id, **self.stamp, **row}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row, default=float) + "\n")
         brief = {k: v for k, v in row.items() if k in ("kind", "label", "batch", "mode", "what", "seconds",
@@ -243,9 +244,11 @@ def run(args) -> None:
     torch.manual_seed(0)
     wikitext = os.environ.get("LAYERFOLD_WIKITEXT2")
     command = (f"LAYERFOLD_WIKITEXT2={wikitext} " if wikitext else "") + "python " + shlex.join(sys.argv)
-    write = Writer(args.out / JSONL, time.strftime("%Y%m%dT%H%M%S"))
     base = api.load_model(args.model, device=args.device)
     device = next(base.model.parameters()).device
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()}-core CPU"
+    stamp = {"commit": args.commit or git_commit(), "date": time.strftime("%Y-%m-%d", time.gmtime()), "machine": label}
+    write = Writer(args.out / JSONL, time.strftime("%Y%m%dT%H%M%S"), stamp)
     if args.tiny:
         truncate(base, args.tiny_layers)
     calib = CalibrationConfig(samples=args.calib_samples, seq_len=args.calib_seq_len,
@@ -445,7 +448,7 @@ def main() -> None:
     rep = sub.add_parser("report")
     rep.add_argument("jsonl", type=Path, nargs="+")
     rep.add_argument("--md", type=Path, default=None,
-                     help="write the section into this markdown (e.g. benchmarks/results/depth_width.md)")
+                     help="write the section between markers into this markdown file")
     args = parser.parse_args()
     if args.part == "report":
         section = markdown(read_rows(args.jsonl))
