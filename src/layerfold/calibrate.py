@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from layerfold.models.arch import Architecture
+from layerfold.models.finite import ActivationWatch
 from layerfold.streaming import LayerStreamer, execution_device
 
 _DROP_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
@@ -141,6 +142,7 @@ def capture(model: nn.Module, arch: Architecture, tokens: torch.Tensor, batch_si
     cache = LayerCache(model=model, arch=arch, tokens=tokens, store_device=store, streamer=streamer,
                        inputs=[[] for _ in range(n_layers + 1)], extras=[[] for _ in range(n_layers)])
     handles = []
+    watch = ActivationWatch(n_layers)  # NaN/Inf activations name their layer (checked after the pass)
 
     def pre_hook(idx):
         def hook(module, args, kwargs):
@@ -149,6 +151,7 @@ def capture(model: nn.Module, arch: Architecture, tokens: torch.Tensor, batch_si
             rest = {k: _detach(v) for k, v in kwargs.items() if k != "hidden_states" and k not in _DROP_KWARGS}
             if "use_cache" in rest:
                 rest["use_cache"] = False
+            watch.see(idx, hidden)
             if keep is None or idx in keep:
                 cache.inputs[idx].append(hidden.detach().to(store))
             cache.extras[idx].append((tuple(_detach(a) for a in rest_args), rest))
@@ -157,6 +160,7 @@ def capture(model: nn.Module, arch: Architecture, tokens: torch.Tensor, batch_si
 
     def last_hook(module, args, output):
         out = output[0] if isinstance(output, tuple) else output
+        watch.see(n_layers, out)
         if keep is None or n_layers in keep:
             cache.inputs[n_layers].append(out.detach().to(store))
 
@@ -172,6 +176,7 @@ def capture(model: nn.Module, arch: Architecture, tokens: torch.Tensor, batch_si
     finally:
         for h in handles:
             h.remove()
+    watch.check()
     return cache
 
 
