@@ -153,7 +153,11 @@ def test_save_model_overwrite_and_failed_swap(tiny_model, tmp_path, monkeypatch)
     out.write_text("a file in the way")
     with pytest.raises(LayerfoldError, match="exists"):
         save_model(model, None, out)
-    save_model(model, None, out, overwrite=True)
+    with pytest.raises(LayerfoldError, match="not a folder layerfold wrote"):  # a file layerfold did not write
+        save_model(model, None, out, overwrite=True)
+    out.unlink()
+    save_model(model, None, out)
+    save_model(model, None, out, overwrite=True)  # its own output: replaced
     assert (out / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -166,10 +170,10 @@ def test_save_model_overwrite_and_failed_swap(tiny_model, tmp_path, monkeypatch)
         real_replace(src, dst)
 
     monkeypatch.setattr(output.os, "replace", failing_replace)
-    (out / "marker.txt").write_text("previous")
+    previous = out.stat().st_ino
     with pytest.raises(OSError, match="rename failed"):
         save_model(model, None, out, overwrite=True)
-    assert (out / "marker.txt").read_text() == "previous"
+    assert out.stat().st_ino == previous and (out / "config.json").is_file()  # the same folder, back in place
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

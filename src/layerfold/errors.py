@@ -10,6 +10,7 @@ class LayerfoldError(Exception):
 
 
 def did_you_mean(name: str, choices: list[str] | tuple[str, ...], what: str) -> LayerfoldError:
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
+    by_folded = {c.casefold(): c for c in choices}  # close in spelling, whatever the case
+    close = difflib.get_close_matches(name.casefold(), list(by_folded), n=1)
+    hint = f" Did you mean '{by_folded[close[0]]}'?" if close else ""
     return LayerfoldError(f"unknown {what} '{name}'.{hint} Choose one of: {', '.join(sorted(choices))}.")

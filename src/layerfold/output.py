@@ -11,8 +11,11 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,13 +28,70 @@ def command_line() -> str:
     return "layerfold " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+MARKER = ".layerfold"  # written into every output folder: the files layerfold wrote there
+
+
 def check_out(out: str | Path | None, overwrite: bool, what: str = "output folder") -> None:
-    """Refuse an existing output before any work is done (the out-exists rule)."""
-    if out is not None and Path(out).exists() and not overwrite:
+    """Refuse an existing output before any work is done (the out-exists rule); with
+    ``overwrite``, refuse one that layerfold may not replace (:func:`check_replaceable`)."""
+    if out is None:
+        return
+    path = Path(out).expanduser()
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not overwrite:
         raise LayerfoldError(f"{what} {out} exists: choose another --out or pass --overwrite")
+    check_replaceable(path, what)
+
+
+def check_replaceable(path: Path, what: str = "output folder") -> None:
+    """``--overwrite`` replaces only a folder layerfold wrote, holding nothing else: never the
+    filesystem root, the home folder, the current folder or a folder above it, a link or a file."""
+    resolved = path.resolve()
+    if resolved == Path(resolved.anchor):
+        raise LayerfoldError(f"{what} {path} is the filesystem root: --overwrite will not replace it")
+    home = Path.home().resolve()
+    if resolved == home or resolved in home.parents:
+        raise LayerfoldError(f"{what} {path} is your home folder or above it: --overwrite will not replace it")
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise LayerfoldError(f"{what} {path} is the current folder or above it: --overwrite will not replace it; "
+                             "choose a new --out")
+    if path.is_symlink() or not path.is_dir():
+        kind = "a link" if path.is_symlink() else "a file"
+        raise LayerfoldError(f"{what} {path} is not a folder layerfold wrote ({kind}): --overwrite replaces only "
+                             "layerfold outputs; choose another --out")
+    written = _written_files(path)
+    if written is None:
+        raise LayerfoldError(f"{what} {path} is not a folder layerfold wrote (no {MARKER} file in it): --overwrite "
+                             "replaces only layerfold outputs; choose another --out or remove it yourself")
+    foreign = sorted(str(f.relative_to(path)) for f in path.rglob("*")
+                     if not f.is_dir() and str(f.relative_to(path)) not in written | {MARKER})
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise LayerfoldError(f"{what} {path} holds files layerfold did not write ({', '.join(foreign[:3])}{more}): "
+                             "--overwrite would delete them; move them out or choose another --out")
+
+
+def _written_files(folder: Path) -> set[str] | None:
+    """The files layerfold recorded in ``folder``'s marker, or None when it has no valid marker."""
+    try:
+        record = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+        return {str(f) for f in record["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_marker(folder: Path) -> None:
+    from layerfold import __version__
+
+    files = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if not f.is_dir())
+    record = {"written_by": "layerfold", "version": __version__, "command": command_line(), "files": files}
+    (folder / MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 SHARD_SIZE = "5GB"  # safetensors shard size: transformers 4's default (5's is 50GB, one file up to that)
+DISK_MARGIN = 64 * 2**20  # bytes beyond the weights: tokenizer, config, card, plan, safetensors headers
 
 
 def save_model(model, tokenizer, out: str | Path, overwrite: bool = False,
@@ -42,9 +102,14 @@ def save_model(model, tokenizer, out: str | Path, overwrite: bool = False,
     The weights are written as safetensors shards of at most ``max_shard_size`` (with an index
     when there are several), one shard at a time from wherever the weights are (the CPU for a
     streamed model).  Nothing half-written is ever left at ``out``: a failure removes the
-    temporary folder.
+    temporary folder.  Refused before anything is written: non-finite weights, too little free disk.
     """
-    out = Path(out).expanduser().resolve()
+    from layerfold.models.finite import check_finite_weights
+
+    out = Path(os.path.abspath(Path(out).expanduser()))
+    check_out(out, overwrite)
+    check_finite_weights(model, f"refusing to write {out}")
+    check_free_disk(out, weight_bytes(model) + DISK_MARGIN)
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
@@ -59,20 +124,156 @@ def save_model(model, tokenizer, out: str | Path, overwrite: bool = False,
     return out
 
 
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters and persistent buffers (tied weights once): what
+    ``save_pretrained`` writes, give or take the headers."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def check_free_disk(out: str | Path, needed: int) -> None:
+    """Refuse to start writing ``needed`` bytes beside ``out`` when the disk holds less free space.
+    (An existing ``out`` is kept until the new folder is complete, so it frees nothing.)"""
+    where = Path(out).expanduser().resolve().parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < needed:
+        raise LayerfoldError(f"not enough free disk for {out}: it needs about {_gb(needed)}, {where} has "
+                             f"{_gb(free)} free; free some space or choose another --out")
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+
+
 def write_folder(out: Path, overwrite: bool, write):
     """Run ``write(tmp)`` on a temporary folder beside ``out``, then rename it to ``out``
-    (replacing an existing one only with ``overwrite``); return what ``write`` returned.
-    Nothing half-written is ever left at ``out``: a failure removes the temporary folder."""
-    check_out(out, overwrite)
+    (replacing an existing one only with ``overwrite``, and only one layerfold wrote); return
+    what ``write`` returned.
+
+    Nothing half-written is ever left at ``out``: a failure, Ctrl-C, SIGTERM or SIGHUP removes
+    the temporary folder (the process then exits with 128 + the signal number).  The temporary
+    folder's name carries this process's id, so that one left by a killed run (SIGKILL) is
+    removed by the next run for the same target (:func:`clean_stale`).  The folder gets the
+    permissions the umask allows, as a plain ``mkdir`` would."""
+    out = Path(os.path.abspath(Path(out).expanduser()))  # absolute, links not followed: a link is refused
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        result = write(tmp)
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    clean_stale(out)
+    check_out(out, overwrite)
+    with _SignalGuard() as guard:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+        try:
+            os.chmod(tmp, 0o777 & ~_umask())
+            result = write(tmp)
+            _write_marker(tmp)
+            guard.defer()  # the swap runs to its end; a signal meanwhile is delivered after it
+            _move_into_place(tmp, out)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, Terminated):
+                print(f"layerfold: {exc.signal_name} received: the partial output was removed, nothing was written",
+                      file=sys.stderr)
+            raise
     return result
+
+
+class Terminated(SystemExit):
+    """SIGTERM or SIGHUP arrived while an output folder was being written."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signal_name = signal.Signals(signum).name
+
+
+class _SignalGuard:
+    """Within ``with``: SIGTERM and SIGHUP raise :class:`Terminated` in the main thread (so the
+    temporary folder is removed as on Ctrl-C), where they would otherwise kill the process at once.
+    Handlers someone else installed (or an ignored SIGHUP, as under nohup) are left alone."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+    def __init__(self) -> None:
+        self.previous: dict[int, Any] = {}
+        self.deferred = False
+        self.pending: int | None = None
+
+    def __enter__(self) -> _SignalGuard:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                if signal.getsignal(sig) is signal.SIG_DFL:
+                    self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.deferred:
+            self.pending = signum
+            return
+        raise Terminated(signum)
+
+    def defer(self) -> None:
+        self.deferred = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        if self.pending is not None:  # the folder is complete: now die of the signal as asked
+            os.kill(os.getpid(), self.pending)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _leftover_pid(name: str, stem: str) -> int | None:
+    """The process id in a leftover ``.NAME.partial-PID-xxxx`` or ``.NAME.old-PID`` name."""
+    rest = name[len(stem):].split("-", 1)[0]
+    return int(rest) if rest.isdigit() else None
+
+
+def clean_stale(out: Path) -> None:
+    """Deal with what a killed run (SIGKILL, power loss) left beside ``out``: a temporary
+    ``.NAME.partial-PID-*`` folder is removed; ``.NAME.old-PID``, the previous output set aside
+    during a swap, is put back if ``out`` is missing, else removed.  Leftovers of a process
+    still running are left alone; those without a readable process id are named in a warning."""
+    if not out.parent.is_dir():
+        return
+    partial, old = f".{out.name}.partial-", f".{out.name}.old-"
+    for entry in sorted(out.parent.iterdir()):
+        stem = partial if entry.name.startswith(partial) else old if entry.name.startswith(old) else None
+        if stem is None:
+            continue
+        pid = _leftover_pid(entry.name, stem)
+        if pid is None:
+            warnings.warn(f"{entry} was left by an interrupted layerfold run; remove it to free its space",
+                          stacklevel=2)
+            continue
+        if pid == os.getpid() or _pid_running(pid):
+            continue
+        if stem == old and not (out.exists() or out.is_symlink()):
+            os.replace(entry, out)
+            print(f"layerfold: put back {out}, set aside by an interrupted run", file=sys.stderr)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
@@ -123,7 +324,7 @@ tags: [layerfold, depth-pruning]
 ---
 # {Path(str(loaded.source)).name} pruned by layerfold ({plan.method})
 
-Made with [layerfold](https://github.com/) from `{loaded.source}`: {report.layers_before} -> {report.layers_after}
+Made with layerfold from `{loaded.source}`: {report.layers_before} -> {report.layers_after}
 decoder layers, {report.params_before:,} -> {report.params_after:,} parameters. Load it with plain transformers:
 
 ```python
@@ -139,5 +340,20 @@ model = AutoModelForCausalLM.from_pretrained("<this folder>")
 
 Criterion: {plan.criterion or '-'}; threshold: {plan.threshold if plan.threshold is not None else '-'};
 merge: {json.dumps(plan.merge) if plan.merge else '-'}; calibration: {json.dumps(plan.calibration)}.
-The full plan is in `plan.json`; `layerfold prune {loaded.source} --plan plan.json` applies it again.
+The full plan is in `plan.json`; in this folder, `{again_command(loaded)}` applies it again.
 {ppl}"""
+
+
+def again_command(loaded) -> str:
+    """The command that applies this folder's ``plan.json`` to the same source model, as it works
+    when pasted in the output folder: no model argument for the embedded default (its name is
+    not a hub id), an absolute path for a local folder, the hub id otherwise."""
+    from layerfold.models.default import DEFAULT_MODEL_NAME
+
+    if loaded.source == DEFAULT_MODEL_NAME:
+        model = ""
+    elif Path(str(loaded.path)).is_dir():
+        model = shlex.quote(os.path.abspath(str(loaded.path))) + " "
+    else:
+        model = shlex.quote(str(loaded.source)) + " "
+    return f"layerfold prune {model}--plan plan.json --out pruned"

@@ -53,6 +53,7 @@ class Plan:
     seed: int | None = None
     scores: dict[str, Any] = field(default_factory=dict)  # method-wide scores (e.g. per-layer importance)
     provenance: dict[str, Any] = field(default_factory=dict)
+    fingerprint: dict[str, str] = field(default_factory=dict)  # of the source model (models/fingerprint.py)
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
@@ -145,12 +146,15 @@ class Plan:
     def load(cls, path: str | Path) -> Plan:
         p = Path(path)
         if not p.is_file():
-            raise LayerfoldError(f"plan file {p} does not exist")
+            raise LayerfoldError(f"plan file {p} does not exist" if not p.exists() else f"plan file {p} is a folder")
         try:
-            raw = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
+            raw = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise LayerfoldError(f"plan file {p} is not valid JSON: {exc}") from exc
-        return cls.from_dict(raw)
+        try:
+            return cls.from_dict(raw)
+        except TypeError as exc:  # a field of the wrong kind, e.g. operations given as numbers
+            raise LayerfoldError(f"plan file {p} is malformed: {exc}") from exc
 
 
 def _operation(number: int, raw) -> Operation:
@@ -204,8 +208,13 @@ def save_plan(result: PlanResult, path: str | Path) -> Path:
 
 
 def load_plan(path: str | Path) -> PlanResult:
+    import warnings
+
     path = Path(path)
     plan = Plan.load(path)
+    if not plan.fingerprint:
+        warnings.warn(f"{path} records no fingerprint of its source model (written by an older layerfold): "
+                      "layerfold cannot check that it is applied to the model it was made for", stacklevel=2)
     tensors = path.with_name(path.stem + ".tensors.safetensors")
     overrides: dict[int, dict[str, Any]] = {}
     if tensors.is_file():
@@ -215,3 +224,52 @@ def load_plan(path: str | Path) -> PlanResult:
             lo, name = key.split("/", 1)
             overrides.setdefault(int(lo), {})[name] = t
     return PlanResult(plan, overrides)
+
+
+def check_plan_matches(plan: Plan, model, force: bool = False) -> None:
+    """Refuse to apply ``plan`` to a model other than the one it was made for (its recorded
+    fingerprint differs) unless ``force``.  A plan with no fingerprint (built by hand, or read
+    from a file written by an older layerfold, which :func:`load_plan` warns about) is not checked."""
+    import warnings
+
+    from layerfold.models.fingerprint import model_fingerprint
+
+    if not plan.fingerprint:
+        return
+    current = model_fingerprint(model)
+    differs = [part for part in ("config", "weights") if plan.fingerprint.get(part) != current[part]]
+    if not differs:
+        return
+    what = "shape" if "config" in differs else "weights"
+    message = (f"the plan was made for another model ({plan.model or 'unnamed'}): this model's {what} differ "
+               f"from its source's")
+    if force:
+        warnings.warn(message + "; applied anyway (forced)", stacklevel=2)
+        return
+    raise LayerfoldError(message + "; make a plan for this model, or pass --force to apply it anyway")
+
+
+def check_plan_file(path: str | Path, model: str | None = None, force: bool = False) -> Plan:
+    """Check a plan file before any weight is loaded: valid JSON, a valid plan, the layer count
+    of the model's ``config.json`` (``model``: a hub id, a folder, or None for the embedded
+    default) and, unless ``force``, the shape recorded in the plan's fingerprint.  Returns the plan."""
+    plan = Plan.load(path)
+    from transformers import AutoConfig
+
+    from layerfold.models.arch import architecture_for, get_dotted
+    from layerfold.models.fingerprint import config_fingerprint
+    from layerfold.models.load import resolve_source
+
+    label, source = resolve_source(model)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise LayerfoldError(f"cannot read the config of '{label}': {str(exc).strip().splitlines()[0]}") from exc
+    arch = architecture_for(config)
+    layers = get_dotted(config, arch.layer_count_keys[0])
+    if layers != plan.num_layers:
+        raise LayerfoldError(f"plan file {path} is for a {plan.num_layers}-layer model; '{label}' has {layers} layers")
+    if not force and plan.fingerprint.get("config") not in (None, config_fingerprint(config)):
+        raise LayerfoldError(f"plan file {path} was made for a model of another shape ({plan.model or 'unnamed'}) "
+                             f"than '{label}'; make a plan for this model, or pass --force to apply it anyway")
+    return plan

@@ -24,13 +24,26 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def canonical(self, name: str) -> str:
+        """The registered name ``name`` stands for, matched without regard to case or to
+        ``_`` for ``-`` (``SLM`` -> ``slm``); an unknown name raises with "did you mean"."""
+        if name in self._items:
+            return name
+        wanted = _fold(name)
+        for key in self._items:
+            if _fold(key) == wanted:
+                return key
+        raise did_you_mean(name, list(self._items), self.what)
+
     def get(self, name: str) -> T:
-        if name not in self._items:
-            raise did_you_mean(name, list(self._items), self.what)
-        return self._items[name]
+        return self._items[self.canonical(name)]
 
     def names(self) -> list[str]:
         return list(self._items)
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
+
+
+def _fold(name: str) -> str:
+    return name.casefold().replace("_", "-")

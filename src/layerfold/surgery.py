@@ -13,12 +13,14 @@ from torch import nn
 from layerfold.errors import LayerfoldError
 from layerfold.merge import build_fused_layer, scale_branches
 from layerfold.models.arch import Architecture, architecture_for, get_dotted, set_dotted
-from layerfold.plan import Plan
+from layerfold.models.finite import check_finite_layers
+from layerfold.plan import Plan, check_plan_matches
 
 FusedOverrides = dict[int, dict[str, torch.Tensor]]
 
 
-def apply_plan(model: nn.Module, plan: Plan, overrides: FusedOverrides | None = None) -> nn.Module:
+def apply_plan(model: nn.Module, plan: Plan, overrides: FusedOverrides | None = None,
+               force: bool = False) -> nn.Module:
     """Prune ``model`` in place following ``plan`` and return it.
 
     ``overrides`` maps a fuse window's base index to the full state dict of its fused layer
@@ -26,11 +28,16 @@ def apply_plan(model: nn.Module, plan: Plan, overrides: FusedOverrides | None = 
     A fuse operation whose ``detail`` has ``channel_scale`` (branch path -> one factor per output
     channel) gets its fused layer's residual branches scaled channel by channel, then by
     ``branch_scale``, one factor for all (:func:`layerfold.merge.scale_branches`).
+
+    A plan made for another model (its fingerprint differs) is refused unless ``force``
+    (:func:`layerfold.plan.check_plan_matches`); fused layers with non-finite weights are
+    refused before the model is changed.
     """
     arch = architecture_for(model.config)
     layers = arch.layer_list(model)
     if len(layers) != plan.num_layers:
         raise LayerfoldError(f"plan is for {plan.num_layers} layers, the model has {len(layers)}")
+    check_plan_matches(plan, model, force)
     overrides = overrides or {}
     merge = plan.merge or {}
     fuse_at = {op.lo: op for op in plan.operations if op.kind == "fuse"}
@@ -51,6 +58,8 @@ def apply_plan(model: nn.Module, plan: Plan, overrides: FusedOverrides | None = 
                                 for path, v in op.detail["channel_scale"].items()})
             if op.detail.get("branch_scale", 1.0) != 1.0:
                 scale_branches(fused, arch.residual_branches, float(op.detail["branch_scale"]))
+            check_finite_layers([(src, fused)], f"fusing layers {op.lo}..{op.hi} gave non-finite weights "
+                                                 "(the source layers or the merge options are broken)")
             new_layers.append(fused)
         else:
             new_layers.append(layers[src])

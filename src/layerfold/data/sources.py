@@ -1,4 +1,5 @@
-"""Named text sources.  Calibration text and evaluation text never overlap:
+"""Named text sources.  Calibration text and evaluation text never overlap (calibration on an
+evaluation source, ``EVALUATION_SOURCES``, is refused):
 
 - ``wikitext2``: WikiText-2 raw *test* split (evaluation). A local ``wiki.test.raw`` given by
   ``$LAYERFOLD_WIKITEXT2`` (file or folder), else the hub dataset ``Salesforce/wikitext``.
@@ -83,17 +84,26 @@ def _lambada_eval() -> str:
 
 
 def _file(path: Path) -> str:
-    if path.suffix == ".jsonl":
-        texts = []
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        texts.append(json.loads(line)["text"])
-                    except (json.JSONDecodeError, KeyError) as exc:
-                        raise LayerfoldError(f"{path}:{n}: expected a JSON object with a 'text' field") from exc
-        return "\n\n".join(texts)
-    return path.read_text(encoding="utf-8")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise LayerfoldError(f"{path} is not UTF-8 text (byte {exc.start}): convert it, e.g. with "
+                             f"iconv -t UTF-8") from exc
+    except OSError as exc:
+        raise LayerfoldError(f"cannot read {path}: {exc.strerror}") from exc
+    if path.suffix != ".jsonl":
+        return raw
+    texts = []
+    for n, line in enumerate(raw.split("\n"), 1):
+        if line.strip():
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise LayerfoldError(f"{path}:{n}: expected a JSON object with a 'text' field") from exc
+            if not isinstance(text, str):
+                raise LayerfoldError(f"{path}:{n}: the 'text' field is not a string")
+            texts.append(text)
+    return "\n\n".join(texts)
 
 
 SOURCES = {
@@ -114,6 +124,8 @@ def load_text(source: str) -> str:
     path = Path(source).expanduser()
     if path.is_file():
         return _file(path)
+    if path.is_dir():
+        raise LayerfoldError(f"text source {source} is a folder: give a .txt or .jsonl file")
     from layerfold.errors import did_you_mean
 
     if "/" in source or "." in source:

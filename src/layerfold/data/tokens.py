@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from layerfold.data.sources import EVALUATION_SOURCES
 from layerfold.errors import LayerfoldError
 
 
@@ -33,6 +34,10 @@ class CalibrationConfig:
             raise LayerfoldError(f"unknown sampling '{self.sampling}': random or strided")
         if self.batch_size < 1:
             raise LayerfoldError("batch size must be at least 1")
+        if self.source in EVALUATION_SOURCES:
+            raise LayerfoldError(f"'{self.source}' is an evaluation set: calibrating on it would make every later "
+                                 "perplexity on it meaningless. Calibrate on books (default), ptb-train, ptb-valid "
+                                 "or a file")
 
     def describe(self) -> dict:
         from layerfold.data.sources import source_description
@@ -70,3 +75,20 @@ def sample_windows(tokenizer, config: CalibrationConfig) -> torch.Tensor:
 
 def tokens_hash(tokens: torch.Tensor) -> str:
     return hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16]
+
+
+def check_calibration_source(config: CalibrationConfig) -> None:
+    """Read the calibration text before any model is loaded, so that a missing, empty, non-UTF-8
+    or plainly too short file (or an unavailable named source) fails at once in one line.  The
+    exact token count is checked when the windows are cut (:func:`sample_windows`)."""
+    from layerfold.data.sources import load_text
+
+    text = load_text(config.source)
+    if not text.strip():
+        raise LayerfoldError(f"calibration text {config.source} is empty")
+    needed = config.samples * config.seq_len if config.sampling == "random" else \
+        (config.samples - 1) * config.stride + config.seq_len
+    most = len(text.encode("utf-8"))  # a tokenizer gives at most one token per byte (byte fallback)
+    if most < needed:
+        raise LayerfoldError(f"calibration text {config.source} is too short: {most} bytes, fewer than the "
+                             f"{needed} tokens that {config.samples} windows of {config.seq_len} need")

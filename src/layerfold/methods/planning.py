@@ -9,6 +9,7 @@ import torch
 
 from layerfold.data.tokens import CalibrationConfig
 from layerfold.methods.base import PlanContext, Target, make_method
+from layerfold.models.fingerprint import model_fingerprint
 from layerfold.models.load import LoadedModel, as_loaded
 from layerfold.plan import PlanResult
 from layerfold.streaming import streaming_for
@@ -33,6 +34,7 @@ def make_plan(model: LoadedModel | str | None = None, method: str = "slm", targe
         result = planner.plan(ctx)
         result.plan.provenance["planning_seconds"] = round(time.perf_counter() - start, 3)
     result.plan.provenance["options"] = planner.model_dump()
+    result.plan.fingerprint = model_fingerprint(loaded.model)  # apply_plan checks the plan meets this model
     if streamer is not None:
         result.plan.provenance["streaming"] = streamer.describe()
     return result

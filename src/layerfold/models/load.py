@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 
 from layerfold.errors import LayerfoldError, did_you_mean
 from layerfold.models.arch import Architecture, architecture_for
+from layerfold.models.finite import check_finite_weights
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -43,7 +45,9 @@ def resolve_dtype(dtype: str | torch.dtype):
 
 
 def resolve_source(name_or_path: str | None) -> tuple[str, str]:
-    """(label, loadable path or hub id)."""
+    """(label, loadable path or hub id), checked quickly: a local-looking name that does not
+    exist, an invalid hub id, or a hub model that cannot be reached fails here in one line,
+    without the hub client's retries (:func:`check_hub_model`)."""
     if name_or_path in (None, "", "default"):
         from layerfold.models.default import DEFAULT_MODEL_NAME, default_model_dir
 
@@ -53,10 +57,60 @@ def resolve_source(name_or_path: str | None) -> tuple[str, str]:
         if not (path / "config.json").is_file():
             raise LayerfoldError(f"{path} has no config.json: not a Hugging Face model folder")
         return str(name_or_path), str(path)
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local:
-        raise LayerfoldError(f"model path {name_or_path} does not exist")
-    return name_or_path, name_or_path
+    if _looks_local(name_or_path):
+        raise LayerfoldError(f"model folder {name_or_path} does not exist")
+    return name_or_path, check_hub_model(name_or_path)
+
+
+def _looks_local(name: str) -> bool:
+    separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return (name.startswith((".", "~", *separators)) or name.endswith(tuple(separators))
+            or name.count("/") > 1 or (os.sep != "/" and os.sep in name))
+
+
+def check_hub_model(repo_id: str) -> str:
+    """What to load for a hub id: the id, or its cached snapshot folder when the hub cannot be
+    reached.  One request, no retries: an invalid id, a missing or gated model, no network and
+    no cached copy, or ``HF_HUB_OFFLINE`` with no cached copy fail in one line."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except HFValidationError as exc:
+        raise LayerfoldError(f"model '{repo_id}' is neither a local folder nor a valid hub id") from exc
+    snapshot = str(Path(cached).parent) if isinstance(cached, str) else None
+    if constants.HF_HUB_OFFLINE:
+        if snapshot is None:
+            raise LayerfoldError(f"model '{repo_id}' is not a local folder, and HF_HUB_OFFLINE is set and the hub "
+                                 "cache has no copy of it: give a model folder or unset HF_HUB_OFFLINE")
+        return snapshot
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json"), timeout=10)
+    except GatedRepoError as exc:
+        raise LayerfoldError(f"hub model '{repo_id}' is gated: accept its terms on the hub and log in "
+                             "(hf auth login)") from exc
+    except RepositoryNotFoundError as exc:
+        raise LayerfoldError(f"model '{repo_id}' is neither a local folder nor a hub model (or it is private: "
+                             "log in with hf auth login)") from exc
+    except EntryNotFoundError as exc:
+        raise LayerfoldError(f"hub model '{repo_id}' has no config.json: not a transformers model") from exc
+    except HfHubHTTPError as exc:
+        if snapshot is not None:
+            return snapshot
+        raise LayerfoldError(f"the hub refused '{repo_id}': {_first_line(exc)}") from exc
+    except Exception as exc:  # no network: connection or timeout errors of the HTTP client
+        if snapshot is not None:
+            return snapshot
+        raise LayerfoldError(f"model '{repo_id}' is not a local folder, and the hub cannot be reached "
+                             f"({type(exc).__name__}): check the name, or the network") from exc
+    return repo_id
 
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -78,27 +132,27 @@ def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "floa
     ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"``, or a dict of module name to
     device) spreads the model over the available GPUs with accelerate, instead of putting it
     whole on ``device``; layerfold then runs each layer on its own GPU."""
+    label, path = resolve_source(name_or_path)  # before importing transformers: a bad name fails at once
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    label, path = resolve_source(name_or_path)
     local = Path(path).is_dir()
     device_map = resolve_device_map(device_map)
     torch_dtype = resolve_dtype(dtype)
     target_device = resolve_device(device) if device_map is None else None
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as exc:  # ValueError: a config.json without a known model_type
         where = "its config.json cannot be used" if local else "not a local folder, and the hub said"
         raise LayerfoldError(f"cannot load model '{label}': {where}: {_first_line(exc)}") from exc
     arch = architecture_for(config)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise LayerfoldError(f"cannot load the tokenizer of '{label}' (a model folder needs its tokenizer "
                              f"files): {_first_line(exc)}") from exc
     try:
         extra = {} if device_map is None else {"device_map": device_map}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False, **extra)
     except ValueError as exc:
         raise LayerfoldError(f"'{label}' is not a causal language model: {_first_line(exc)}") from exc
     except OSError as exc:  # no weights file
@@ -106,6 +160,7 @@ def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "floa
     if target_device is not None:
         model.to(target_device)
     _check_offload(model, label)
+    check_finite_weights(model, f"cannot use '{label}'")
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, source=label, path=path)
 
