@@ -2,14 +2,15 @@
 
 BoolQ asks yes/no questions; 62.2% of its validation answers are "yes".  A model that answers "yes"
 to everything scores 62.2, one that answers "no" to everything 37.8, without reading a passage.  For
-every row of ``benchmarks/quality.py --zs-docs`` with BoolQ outcomes this reports the accuracy, the
+every row of ``benchmarks/quality/run.py --zs-docs`` with BoolQ outcomes this reports the accuracy, the
 share of questions answered "yes" (recovered from each document's outcome and its gold answer), and
 the balanced accuracy, the mean of the accuracies on the "yes" and the "no" questions: 50 for any
 answerer that ignores the question, whatever its bias.
 
-    python benchmarks/boolq_bias.py --rows "SmolLM2-135M=benchmarks/results/session6/smol/zeroshot7-*.jsonl"
+    R=benchmarks/quality/results.jsonl
+    python benchmarks/studies/boolq_bias/boolq_bias.py --rows "SmolLM2-135M=$R@model=SmolLM2-135M,table=full-sets"
 
-``--rows`` takes ``LABEL=PATH`` as benchmarks/zeroshot_paired.py does (``;`` joins sources).
+``--rows`` takes ``LABEL=PATH`` as benchmarks/quality/paired.py does (``;`` joins sources).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Per-channel rescaling of a window's kept layer, fitted in closed form on the calibration activations.
 
-A session-5 experiment beside the default's `rescale=kl` (one factor per window from a grid).  Here
+An experiment beside the then default's `rescale=kl` (one factor per window from a grid).  Here
 each output channel of each residual branch of the kept layer (attention and MLP out-projections)
 gets its own factor: per channel ``c`` and window ``[lo, hi]``, least squares over the calibration
 tokens of
@@ -12,7 +12,7 @@ where ``h`` enters the kept layer in the pruned model (windows below already cor
 layer ``hi``.  Two parameters per channel from 1,280 tokens, unlike ``fit=ridge``'s full matrix.
 The factors are baked into the rows of the out-projections, so the model stays a plain checkpoint.
 
-    python benchmarks/channel_fit.py --plan "3-7;12-14;15-18;24-25" --lam 0,0.1,1
+    python benchmarks/studies/channel_fit/channel_fit.py --plan "3-7;12-14;15-18;24-25" --lam 0,0.1,1
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ that loss. This experiment adds, beside each calibration window, the same window
 shown twice (no new text: the same 10 x 128 tokens), and plans again. For each plan it records
 PTB-valid perplexity over the first ``--windows`` 128-token windows and the copying probe.
 
-    python benchmarks/copy_calibration.py --ratios 0.2,0.35 --out benchmarks/results/copy_calibration.jsonl
+    python benchmarks/studies/copying/copy_calibration.py --ratios 0.2,0.35 \\
+        --out benchmarks/studies/copying/copy_calibration.jsonl
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Copying from context, probed cheaply: does a pruned model still continue a repeated sequence?
 
-Session 6 found ShortGPT's plans ahead of layerfold's default on multiple-choice validation tasks
+The zero-shot validation tasks put ShortGPT's plans ahead of layerfold's default on multiple-choice validation tasks
 while far behind on perplexity, with the widest gap on SciQ, whose prompt holds a passage that
-contains the answer (quality.md). One hypothesis: the default's contiguous middle windows take out
+contains the answer (benchmarks/quality/). One hypothesis: the default's contiguous middle windows take out
 more of the model's in-context copying (induction) than single layers spread over the depth do. This
 probe measures that directly, without lm-evaluation-harness: sequences of ``--length`` tokens are
 shown twice in a row, and on the second copy the model should predict each next token from the
@@ -10,12 +10,12 @@ first. Two kinds of sequence: *natural* (windows of PTB train text, never evalua
 *random* (tokens drawn uniformly from those windows' tokens, so only copying can predict them).
 For each, the second copy's mean NLL and top-1 accuracy (the first token of the copy excluded).
 
-    python benchmarks/induction_probe.py --configs dense,slm,shortgpt,sleb,angular --ratios 0.2,0.35 \\
-        --out benchmarks/results/induction_probe.jsonl
+    python benchmarks/studies/copying/induction_probe.py --configs dense,slm,shortgpt,sleb,angular --ratios 0.2,0.35 \\
+        --out benchmarks/studies/copying/induction_probe.jsonl
 
 ``--drop-each`` instead removes one layer at a time (every layer in turn), to see where copying lives;
 ``--bos`` puts one BOS token before each row (Gemma); ``--table FILE`` prints a file's rows (this
-script's or copy_calibration.py's) as markdown. Results: benchmarks/results/copying.md.
+script's or copy_calibration.py's) as markdown. Results: README.md beside this file.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 project (calibration: 10 x 128 tokens of PTB train at token offsets 0, 5000, ...; perplexity
 over the first 60 windows of 128 tokens of WikiText-2 and PTB test, no BOS, float32).
 
-    LAYERFOLD_WIKITEXT2=/path/to/wiki.test.raw python benchmarks/crosscheck_baselines.py \
-        benchmarks/results/crosscheck_baselines.json
+    LAYERFOLD_WIKITEXT2=/path/to/wiki.test.raw python benchmarks/studies/crosscheck_baselines/crosscheck_baselines.py \
+        benchmarks/studies/crosscheck_baselines/results.json
 """
 import copy
 import json

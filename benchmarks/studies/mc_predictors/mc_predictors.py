@@ -1,10 +1,10 @@
 """Which cheap measure on validation text orders pruned models as multiple-choice accuracy does?
 
 The default is chosen on PTB-valid perplexity, and on the zero-shot validation tasks ShortGPT's plans
-beat it while their perplexity is far worse (quality.md); at Gemma 20% Angular, which drops the last
+beat it while their perplexity is far worse (benchmarks/quality/); at Gemma 20% Angular, which drops the last
 four layers, has the best validation accuracy and a perplexity 60 times the default's. A criterion
 that tracked multiple-choice accuracy could pick plans for it. This script measures, for the plans
-of several configurations (the same plans as benchmarks/quality.py builds) on the first ``--windows``
+of several configurations (the same plans as benchmarks/quality/run.py builds) on the first ``--windows``
 128-token windows of PTB valid:
 
 - ``nll``: the mean next-token NLL (log of the perplexity);
@@ -13,7 +13,7 @@ of several configurations (the same plans as benchmarks/quality.py builds) on th
 - ``top1``: the share of tokens where the pruned model's first choice is the text's token;
 - ``agree``: the share where it is the dense model's first choice;
 - ``kl``: KL(dense || pruned) of the next-token distributions;
-- ``cloze`` and ``cloze_nll`` (session 8): a multiple-choice probe built from the same text, scored as
+- ``cloze`` and ``cloze_nll``: a multiple-choice probe built from the same text, scored as
   the zero-shot tasks score answers (:mod:`lab.choice`, which ``slm --set pick=choice`` runs on
   the calibration source). Each of ``--cloze-items`` items is a 96-token context, its true
   32-token continuation and three distractors, the 32 tokens at the same place 256, 512 and 768 tokens
@@ -27,9 +27,9 @@ prints, per model and ratio, the Spearman correlation of each measure with the h
 the plans (a measure where lower is better is negated first, so +1 means "orders plans as the
 validation tasks do").
 
-    python benchmarks/mc_predictors.py --windows 40 --out benchmarks/results/mc_predictors.jsonl
-    python benchmarks/mc_predictors.py --model GEMMA_FOLDER --bos --windows 30 --out ...
-    python benchmarks/mc_predictors.py --report benchmarks/results/mc_predictors.jsonl \\
+    python benchmarks/studies/mc_predictors/mc_predictors.py --windows 40 --out smol.jsonl
+    python benchmarks/studies/mc_predictors/mc_predictors.py --model GEMMA_FOLDER --bos --windows 30 --out ...
+    python benchmarks/studies/mc_predictors/mc_predictors.py --report smol.jsonl \\
         --heldout "SmolLM2-135M=ROWS..." --heldout "Gemma-3-270M=ROWS..."
 """
 
@@ -157,7 +157,7 @@ def report(args) -> None:
         for ratio in sorted({r["ratio"] for r in mine}):
             cell = [r for r in mine if r["ratio"] == ratio and (r["config"], ratio) in held]
             print(f"#### {label}, {ratio:.0%} of layers removed ({cell[0]['windows']} PTB-valid windows)\n")
-            probe = all("cloze" in r for r in cell)  # rows measured before session 8 have no probe
+            probe = all("cloze" in r for r in cell)  # rows measured before the probe existed have none
             extra = " probe accuracy | probe NLL |" if probe else ""
             print("| configuration | held-out mean | perplexity | NLL | NLL at best T (T) | top-1 | agrees with dense "
                   f"| KL |{extra}\n" + "|---" * (10 if probe else 8) + "|")

@@ -7,7 +7,7 @@ script scores every candidate on both the calibration windows (10 x 128 book tok
 32 held-out windows of the same book text (disjoint from the calibration windows), and prints the
 PTB-valid perplexity of each candidate: the validation text the defaults are chosen on.
 
-    python benchmarks/portfolio_heldout.py --model FOLDER --ratios 0.2,0.35 [--bos] > rows.jsonl
+    python benchmarks/studies/portfolio/heldout.py --model FOLDER --ratios 0.2,0.35 [--bos] > rows.jsonl
 """
 
 from __future__ import annotations

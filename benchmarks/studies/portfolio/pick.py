@@ -1,16 +1,16 @@
 """Which score picks the portfolio candidate that validation perplexity prefers?
 
-`benchmarks/portfolio_heldout.py` recorded, for SmolLM2-135M and Gemma-3-270M at 20% and 35%, the
+`heldout.py` recorded, for SmolLM2-135M and Gemma-3-270M at 20% and 35%, the
 four candidate plans of the default `slm` (removed layers), their output-cosine score on the
-calibration windows and their PTB-valid perplexity (`results/portfolio_heldout.jsonl`).  This
+calibration windows and their PTB-valid perplexity (`heldout.jsonl`).  This
 script rebuilds the same calibration (10 x 128 book tokens, seed 1234) and scores every recorded
 candidate with the engine's scores: the output cosine, the calibration loss, and the KL divergence
 of the pruned model's next-token distributions from the original's (`SlmEngine.kl_removal`, the
-default pick since session 3), plus top-1 agreement.  It prints one JSON line per candidate; a
+default pick), plus top-1 agreement.  It prints one JSON line per candidate; a
 score "agrees" in a case when its best candidate has the lowest PTB-valid perplexity.
 
-    python benchmarks/portfolio_pick.py --label SmolLM2-135M > rows.jsonl
-    python benchmarks/portfolio_pick.py --label /tmp/gemma/hf --model /tmp/gemma/hf >> rows.jsonl
+    python benchmarks/studies/portfolio/pick.py --label SmolLM2-135M > rows.jsonl
+    python benchmarks/studies/portfolio/pick.py --label /tmp/gemma/hf --model /tmp/gemma/hf >> rows.jsonl
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ the final norm) and by KL(original || pruned) of next-token distributions, and m
 PTB-valid perplexity (validation text; never a test set), so one can see whether scoring after
 rescaling would agree with validation.  One JSON line per candidate.
 
-    python benchmarks/portfolio_rescaled.py --ratio 0.35 >> results/portfolio_rescaled.jsonl
-    python benchmarks/portfolio_rescaled.py --model GEMMA_FOLDER --bos --ratio 0.2 --device cuda >> ...
+    python benchmarks/studies/portfolio/rescaled.py --ratio 0.35 >> benchmarks/studies/portfolio/rescaled.jsonl
+    python benchmarks/studies/portfolio/rescaled.py --model GEMMA_FOLDER --bos --ratio 0.2 --device cuda >> ...
 """
 
 from __future__ import annotations

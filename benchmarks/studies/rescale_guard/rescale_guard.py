@@ -1,15 +1,15 @@
 """Does a rescaling factor chosen on the calibration KL hold on both halves of the calibration set?
 
-A check of session 4 on the default's `rescale=kl` (which takes, per window, the grid factor with the
+A check of the then default's `rescale=kl` (which takes, per window, the grid factor with the
 lowest KL over all 10 calibration samples).  For the portfolio's picked candidate (and the optimal
 windows), window by window as the engine goes, it prints the KL of each half (samples 0-4, 5-9) at
 factor 1 and at the chosen factor, and the factor a guard would keep: the best one that lowers the
 KL on both halves.  ``--eval`` instead measures PTB-valid perplexity (validation text, all windows)
 of SmolLM2 plans written as ``"3-7;12-14;15-18x0.9;24-25x1.1"`` (window, optional factor).
 
-    python benchmarks/rescale_guard.py --ratio 0.35
-    python benchmarks/rescale_guard.py --model GEMMA_FOLDER --ratio 0.35
-    python benchmarks/rescale_guard.py --eval "3-7;12-14;15-18x0.9;24-25x1.1"
+    python benchmarks/studies/rescale_guard/rescale_guard.py --ratio 0.35
+    python benchmarks/studies/rescale_guard/rescale_guard.py --model GEMMA_FOLDER --ratio 0.35
+    python benchmarks/studies/rescale_guard/rescale_guard.py --eval "3-7;12-14;15-18x0.9;24-25x1.1"
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Experiment of session 3, now in the library as ``slm``'s ``rescale=kl`` (the default since
-session 4: ``SlmEngine.rescale``, residual branches described per architecture).  Scale the
+"""The experiment behind ``rescale=kl`` (once the default, now an option of ``slm-lab`` in benchmarks/lab;
+residual branches described per architecture).  Scale the
 residual contributions of each window's kept base layer by a factor alpha, chosen on the
 calibration tokens by the KL divergence of the pruned model's next-token distributions from the
 original's.
@@ -12,8 +12,9 @@ Gemma 2/3 layers (their outputs are normalised), which is exactly bakeable into 
 Prints the alphas, the calibration KL and PTB-valid perplexity (validation text) before and
 after, one JSON line per plan.
 
-    python benchmarks/window_scale.py --plans smollm2-0.2.json,smollm2-0.35.json --windows 100
-    python benchmarks/window_scale.py --model GEMMA_FOLDER --bos --plans gemma-0.2.json,gemma-0.35.json --windows 30
+    python benchmarks/studies/window_scale/window_scale.py --plans smollm2-0.2.json,smollm2-0.35.json --windows 100
+    python benchmarks/studies/window_scale/window_scale.py --model GEMMA_FOLDER --bos \\
+        --plans gemma-0.2.json,gemma-0.35.json --windows 30
 """
 
 from __future__ import annotations
