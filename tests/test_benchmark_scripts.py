@@ -247,3 +247,23 @@ def test_committed_results_rows_say_which_commit_date_and_machine_made_them(resu
     for line in results.read_text().splitlines():
         row = json.loads(line)
         assert row.get("commit") and row.get("date") and row.get("machine"), line[:200]
+
+
+def test_every_quality_configuration_names_a_method_that_accepts_its_options():
+    """quality/configs.py: each configuration's options validate against its method (slm-lab's through
+    benchmarks/lab, which registers it), so a renamed or removed option fails here, not on a GPU."""
+    import layerfold.methods  # noqa: F401  (registers the package's methods)
+    from layerfold.methods.base import METHODS
+
+    configs = _script("quality/configs")
+    sys.path.insert(0, str(BENCH))
+    try:
+        pytest.importorskip("lab", reason="benchmarks/lab registers slm-lab")
+    finally:
+        sys.path.remove(str(BENCH))
+    for name, (method, options) in configs.CONFIGS.items():
+        try:
+            METHODS.get(method)(**options)
+        except Exception as exc:
+            raise AssertionError(f"configuration {name}: {method} {options}: {exc}") from exc
+    assert set(configs.WITH_CHANNELS) | set(configs.CALIB_REPEATS) <= set(configs.CONFIGS)

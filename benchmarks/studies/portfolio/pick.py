@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -25,9 +26,14 @@ from layerfold import api
 from layerfold.calibrate import capture
 from layerfold.data.tokens import CalibrationConfig, sample_windows
 from layerfold.methods._common import calibration_loss, output_head
-from layerfold.methods.slm import SlmEngine
 
-RECORDED = Path(__file__).parent / "results" / "portfolio_heldout.jsonl"
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/
+from quality.configs import require_lab  # noqa: E402
+
+require_lab()  # the KL pick and the grid rescaling are benchmarks/lab's (LabEngine), no longer the package's
+from lab import LabEngine as SlmEngine  # noqa: E402
+
+RECORDED = Path(__file__).parent / "heldout.jsonl"
 
 
 def top1(cache, outs) -> float:

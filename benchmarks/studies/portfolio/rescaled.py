@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
+from pathlib import Path
 
 import torch
 
@@ -24,8 +26,14 @@ from layerfold import api
 from layerfold.calibrate import capture
 from layerfold.data.tokens import CalibrationConfig, sample_windows
 from layerfold.evaluate.perplexity import perplexity
-from layerfold.methods.slm import SlmEngine, portfolio_candidates, windows_of
+from layerfold.methods.slm import portfolio_candidates, windows_of
 from layerfold.plan import Operation, Plan
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/
+from quality.configs import require_lab  # noqa: E402
+
+require_lab()  # the KL pick and the grid rescaling are benchmarks/lab's (LabEngine), no longer the package's
+from lab import LabEngine as SlmEngine  # noqa: E402
 
 
 @torch.no_grad()
