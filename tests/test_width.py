@@ -414,3 +414,36 @@ def test_a_config_with_per_layer_widths_is_refused():
     config = SimpleNamespace(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=[64] * 6)
     with pytest.raises(LayerfoldError, match="no single configured width"):
         Geometry.of(config)
+
+
+def test_shrink_and_the_python_path_write_the_same_width_plan(run, tmp_path, tiny_model_dir, calib_text):
+    """``layerfold shrink --width`` goes through :func:`prune_with_width` (width alone: no depth
+    method), as ``prune --width`` and ``api.prune(width=...)`` do: the same request from Python
+    writes the same plan and record, and ``--held-out`` reaches the attention search."""
+    from layerfold import api
+    from layerfold.data.tokens import CalibrationConfig
+    from layerfold.width import WidthRequest, prune_with_width
+
+    folder = tiny_model_dir("qwen2")
+    code, out, err = run("shrink", folder, "--width", "0.3", "--out", tmp_path / "cli", *_calib_args(calib_text))
+    assert code == 0, err
+    assert "intermediate 64 ->" in out and "saved to" in out
+    calib = CalibrationConfig(source=str(calib_text), samples=4, seq_len=16)
+    report = prune_with_width(api.load_model(str(folder)), tmp_path / "py", WidthRequest(ratio=0.3, held_out=2),
+                              method=None, calibration=calib, progress=False)
+    assert report.plan is None and report.layers_after == report.layers_before == 6
+    for name in ("width_plan.json", "shrink.json"):
+        assert (tmp_path / "cli" / name).read_text() == (tmp_path / "py" / name).read_text(), name
+    assert not (tmp_path / "cli" / "plan.json").exists()
+    search = json.loads((tmp_path / "cli" / "width_plan.json").read_text())["target"]["attention_search"]
+    assert {c["selection_tokens"] for c in search} == {"2 held-out calibration windows"}
+
+
+def test_width_alone_with_a_split_needs_a_depth_method(tiny_model_dir):
+    from layerfold import api
+    from layerfold.methods.base import Target
+    from layerfold.width import WidthRequest, prune_with_width
+
+    loaded = api.load_model(str(tiny_model_dir("llama")))
+    with pytest.raises(LayerfoldError, match="give the method"):
+        prune_with_width(loaded, None, WidthRequest(split=0.5), method=None, target=Target(param_ratio=0.3))

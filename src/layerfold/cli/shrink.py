@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -57,63 +55,47 @@ def shrink(
     """Remove MLP channels and attention heads (the same number in every layer), optionally after
     depth pruning, and save a plain Hugging Face folder (with width_plan.json and a model card)."""
     from layerfold import api
-    from layerfold import width as W
     from layerfold.cli.options import method_options, split_list
     from layerfold.data.tokens import CalibrationConfig
-    from layerfold.evaluate.perplexity import perplexity
-    from layerfold.models.arch import parameter_count
+    from layerfold.methods.base import Target, make_method
+    from layerfold.output import check_out
+    from layerfold.width import WidthRequest, prune_with_width
 
     if sum(v is not None for v in (width, param_ratio, plan)) != 1:
         raise LayerfoldError("give exactly one of --width, --param-ratio and --plan")
+    request = WidthRequest(ratio=width, split=split if param_ratio is not None else None, plan=plan,
+                           importance=importance, attention=attention, heads=heads, multiple_of=multiple_of,
+                           held_out=held_out)
+    options = method_options(set_)
+    if param_ratio is not None:
+        make_method(method, options)  # unknown method or option: fail before loading the model
     calib = CalibrationConfig(source=calib_source, samples=calib_samples, seq_len=calib_seq_len, seed=seed,
                               sampling=calib_sampling)
+    check_out(out, overwrite)
     loaded = api.load_model(model, dtype=dtype, device=device)
     out = out or Path("layerfold-out") / f"{Path(loaded.source).name}-shrink"
-    if out.exists() and not overwrite:
-        raise LayerfoldError(f"output folder {out} exists: choose another --out or pass --overwrite")
-    sources = split_list(ppl)
-
-    def measure() -> dict[str, float]:
-        return {s: perplexity(loaded.model, loaded.tokenizer, s, max_windows=ppl_windows).perplexity
-                for s in sources}
-
-    before, layers_before, params_before = measure(), len(loaded.arch.layer_list(loaded.model)), \
-        parameter_count(loaded.model)
-    depth, summary = None, None
-    width_opts = {"importance": importance, "attention": attention, "heads": heads, "multiple_of": multiple_of}
-    if plan is not None:
-        wplan = W.WidthPlan.load(plan)
-        W.apply_width(loaded.model, wplan)
-    elif width is not None:
-        wplan = W.shrink(loaded, width, calibration=calib, batch_size=calib.batch_size, **width_opts)
-    else:
-        result = W.depth_width_prune(loaded, param_ratio, split, method, calib, method_options(set_),
-                                     held_out=held_out, **width_opts)
-        wplan, depth, summary = result.width, result.depth, result.summary()
-    after = measure()
-    record = W.ShrinkRecord(layers=(layers_before, len(loaded.arch.layer_list(loaded.model))),
-                            params=(params_before, parameter_count(loaded.model)), perplexity_before=before,
-                            perplexity_after=after, depth_width=summary)
-    command = "layerfold " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    saved = W.save_shrunk(loaded, out, wplan, depth, record, command=command, overwrite=overwrite)
-    _print(wplan, depth, record, saved)
+    depth = param_ratio is not None  # a depth step only when depth and width share --param-ratio
+    report = prune_with_width(loaded, out, request, method=method if depth else None,
+                              target=Target(param_ratio=param_ratio) if depth else None, calibration=calib,
+                              options=options, overwrite=overwrite, ppl=split_list(ppl), ppl_windows=ppl_windows)
+    _print(report)
 
 
-def _print(wplan, depth, record, saved: Path) -> None:
+def _print(report) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    if depth is not None:
-        console.print(depth.plan.summary())
-    if wplan is not None:
-        console.print(wplan.summary())
-    if record.depth_width:
-        print_split(console, record.depth_width)
+    if report.plan is not None:
+        console.print(report.plan.summary())
+    if report.width is not None:
+        console.print(report.width.summary())
+    if report.depth_width:
+        print_split(console, report.depth_width)
     table = Table("", "before", "after")
-    table.add_row("decoder layers", str(record.layers[0]), str(record.layers[1]))
-    table.add_row("parameters", f"{record.params[0]:,}", f"{record.params[1]:,}")
-    for source, value in record.perplexity_before.items():
-        table.add_row(f"{source} perplexity (128 tok)", f"{value:.2f}", f"{record.perplexity_after[source]:.2f}")
+    table.add_row("decoder layers", str(report.layers_before), str(report.layers_after))
+    table.add_row("parameters", f"{report.params_before:,}", f"{report.params_after:,}")
+    for source, value in report.perplexity_before.items():
+        table.add_row(f"{source} perplexity (128 tok)", f"{value:.2f}", f"{report.perplexity_after[source]:.2f}")
     console.print(table)
-    console.print(f"saved to {saved}")
+    console.print(f"saved to {report.out}")
