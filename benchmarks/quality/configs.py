@@ -2,7 +2,9 @@
 
 A name says what the configuration runs; a row of results.jsonl names the configuration it measured.
 ``slm`` is layerfold's default (portfolio selection, base merge, cosine pick, per-channel rescaling);
-``slm/no-rescale`` and ``slm/rescale-kl`` are earlier defaults kept under names that say what they are.
+``slm/no-rescale`` and ``slm/rescale-kl`` are earlier defaults kept under names that say what they are
+(rows once named ``slm/portfolio`` or ``slm/channels`` ran what ``slm/no-rescale`` and ``slm`` run, and
+carry those names).
 Options that were measured and not adopted (``fit=ridge``, ``refine``, ``pick=kl|choice``,
 ``rescale=kl|criterion|channels+kl``) left the package: they run as method ``slm-lab``, which
 ``benchmarks/lab`` registers (:func:`require_lab`), with the same options as ``slm``.
@@ -39,13 +41,11 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "slm/greedy-loss+base+fit": (LAB, {"selection": "greedy", "criterion": "loss", "merge": "base", "fit": "ridge"}),
     "slm/greedy+refine": (LAB, {"selection": "greedy", "refine": 3, "rescale": "none"}),
     "slm/greedy+refine-r2": (LAB, {"selection": "greedy", "refine": 3, "refine_radius": 2, "rescale": "none"}),
-    "slm/portfolio": ("slm", {"selection": "portfolio", "rescale": "none"}),
     "slm/pick-kl": (LAB, {"pick": "kl", "rescale": "none"}),  # candidates compared by next-token KL
     "slm/rescale-cos": (LAB, {"rescale": "criterion"}),  # the window factor chosen by the output cosine
     "slm/pick-kl+rescale": (LAB, {"pick": "kl", "rescale": "kl"}),
     "slm/optimal+rescale": (LAB, {"selection": "optimal", "rescale": "kl"}),
     "slm/greedy+rescale": (LAB, {"selection": "greedy", "rescale": "kl"}),
-    "slm/channels": ("slm", {"rescale": "channels"}),  # per-channel factors in closed form (the default's)
     "slm/channels+kl": (LAB, {"rescale": "channels+kl"}),  # the channel factors, then the grid factor
     "slm/pick-kl+channels": (LAB, {"pick": "kl", "rescale": "channels"}),
     "slm/portfolio+refine": (LAB, {"selection": "portfolio", "refine": 3, "rescale": "none"}),
