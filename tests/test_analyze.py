@@ -62,7 +62,7 @@ def test_analyze_writes_json_csv_and_png(full_run, tokens) -> None:
     out = tmp_path / "analysis"
     expected = {"analysis.json"} | {f"{k}.{ext}" for k in DEFAULT_MEASURES for ext in ("csv", "png")}
     assert set(result["files"]) == expected
-    assert {p.name for p in out.iterdir()} == expected
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == expected
     assert [p.name for p in tmp_path.iterdir()] == ["analysis"]  # no temporary folder left behind
     record = json.loads((out / "analysis.json").read_text())
     assert record["num_layers"] == LAYERS and record["tokens"] == tokens.numel()
@@ -147,20 +147,21 @@ def test_heatmap_draws_fuse_square_and_drop_mark() -> None:
 
 
 def test_plan_for_another_model_is_refused_before_writing(model, tokens, tmp_path: Path) -> None:
-    with pytest.raises(LayerfoldError, match="7-layer model"):
+    with pytest.raises(LayerfoldError, match="plan is for 7 layers, the model has 5"):
         analyze(model, tmp_path / "out", plan=_plan(7), tokens=tokens, progress=False)
     assert not (tmp_path / "out").exists()
 
 
 def test_existing_output_folder_is_refused_unless_overwrite(model, tokens, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    analyze(model, out, measures="cosine", tokens=tokens, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(LayerfoldError, match="exists"):
-        analyze(model, out, measures="cosine", tokens=tokens, progress=False)
-    assert [p.name for p in out.iterdir()] == ["stale.txt"]
-    analyze(model, out, measures="cosine", tokens=tokens, progress=False, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["analysis.json", "cosine.csv", "cosine.png"]
+        analyze(model, out, measures="angular", tokens=tokens, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    analyze(model, out, measures="angular", tokens=tokens, progress=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "analysis.json", "angular.csv", "angular.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -204,8 +205,8 @@ def test_cli_analyze(tmp_path: Path) -> None:
             "--calib-seq-len", "8", "--measures", "cka-rbf,angular"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["analysis.json", "angular.csv", "angular.png",
-                                                     "cka-rbf.csv", "cka-rbf.png"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "analysis.json", "angular.csv", "angular.png", "cka-rbf.csv", "cka-rbf.png"]
     record = json.loads((out / "analysis.json").read_text())
     assert record["tokens"] == 16 and record["calibration"]["samples"] == 2
     again = CliRunner().invoke(app, args)

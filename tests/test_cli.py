@@ -25,6 +25,17 @@ def text_file(tmp_path) -> Path:
 
 
 
+@pytest.fixture
+def no_weights_loaded(monkeypatch):
+    """Fail the test if any model's weights are loaded: a mistake the files can show is reported first."""
+    from transformers import AutoModelForCausalLM
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model weights were loaded before the mistake was reported")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+
+
 def assert_user_error(result: tuple[int, str, str], pattern: str) -> None:
     code, out, err = result
     errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -80,12 +91,80 @@ def test_folder_without_tokenizer(run, tmp_path, tiny_model):
     (["--method", "slmm"], "Did you mean 'slm'"),
     (["--merge", "meen", "--target-layers", "4"], "Did you mean 'mean'"),
     (["--set", "colour=red"], "option 'colour'"),
-    (["--plan", "missing-plan.json"], "plan file missing-plan.json does not exist"),
+    (["--ratio", "0.99"], "would remove 6 of 6 layers"),
+    (["--ratio", "0.01"], "removes no layer"),
 ])
 def test_bad_options(args, message, run, tmp_path, tiny_model_dir, text_file):
+    model_dir = tiny_model_dir("llama")
     out = tmp_path / "out"
-    result = run("prune", tiny_model_dir("llama"), "--out", out, "--calib-source", text_file, *CALIB, *args)
+    result = run("prune", model_dir, "--out", out, "--calib-source", text_file, *CALIB, *args)
     assert_user_error(result, message)
+    assert nothing_written(tmp_path, "out")
+
+
+def test_bad_options_are_reported_before_the_model_is_loaded(run, tmp_path, tiny_model_dir, text_file,
+                                                            no_weights_loaded):
+    model_dir = tiny_model_dir("llama")
+    for args, message in [(["--target-layers", "6"], "--target-layers must be between 1 and 5"),
+                          (["--ratio", "0.99"], "would remove 6 of 6 layers"),
+                          (["--method", "slmm"], "Did you mean 'slm'")]:
+        for command in ("prune", "plan"):
+            result = run(command, model_dir, "--out", tmp_path / "out", "--calib-source", text_file, *args)
+            assert_user_error(result, message)
+    assert nothing_written(tmp_path, "out")
+
+
+def _saved_plan(folder: Path, num_layers: int = 6) -> Path:
+    from layerfold.plan import Operation, Plan
+
+    path = folder / "saved-plan.json"
+    Plan(method="shortgpt", num_layers=num_layers, operations=[Operation("drop", 1, 1)]).save(path)
+    return path
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--ratio", "0.25", "--method", "shortgpt"], "--method, --ratio would not change"),
+    (["--calib-samples", "4"], "--calib-samples would not change: drop it"),
+    (["--set", "merge=mean"], "--set would not change"),
+])
+def test_planning_options_beside_plan_are_refused(args, message, run, tmp_path, tiny_model_dir,
+                                                  no_weights_loaded):
+    plan = _saved_plan(tmp_path)
+    result = run("prune", tiny_model_dir("llama"), "--plan", plan, "--out", tmp_path / "out", "--ppl", "", *args)
+    assert_user_error(result, f"--plan applies a saved plan, which {message}")
+    assert nothing_written(tmp_path, "out")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (None, "plan file missing-plan.json does not exist"),
+    ('{"method": "slm", "num_layers": ', "is not valid JSON"),
+    ('{"method": "slm", "num_layers": 6, "operations": [{"kind": "drop", "lo": 7, "hi": 7}]}', "outside 0..5"),
+    ('{"method": "slm", "num_layers": 8, "operations": []}', "plan is for 8 layers, the model has 6"),
+])
+def test_bad_plan_file_is_reported_before_the_model_is_loaded(text, message, run, tmp_path, tiny_model_dir,
+                                                              no_weights_loaded):
+    plan = tmp_path / "missing-plan.json"
+    if text is not None:
+        plan.write_text(text)
+    result = run("prune", tiny_model_dir("llama"), "--plan", plan.name, "--out", tmp_path / "out", "--ppl", "")
+    assert_user_error(result, message)
+    assert nothing_written(tmp_path, "out")
+
+
+@pytest.mark.parametrize("command", ["prune", "plan", "analyze"])
+def test_missing_calibration_file_is_reported_before_the_model_is_loaded(command, run, tmp_path, tiny_model_dir,
+                                                                         no_weights_loaded):
+    result = run(command, tiny_model_dir("llama"), "--out", tmp_path / "out", "--calib-source", "no/such.txt",
+                 "--target-layers" if command != "analyze" else "--measures", "4" if command != "analyze" else "cosine")
+    assert_user_error(result, "text file no/such.txt does not exist")
+    assert nothing_written(tmp_path, "out")
+
+
+def test_missing_perplexity_text_is_reported_before_the_model_is_loaded(run, tmp_path, tiny_model_dir, text_file,
+                                                                        no_weights_loaded):
+    result = run("prune", tiny_model_dir("llama"), "--out", tmp_path / "out", "--target-layers", "4",
+                 "--calib-source", text_file, "--ppl", "ptb,nowhere.txt")
+    assert_user_error(result, "text file nowhere.txt does not exist")
     assert nothing_written(tmp_path, "out")
 
 
@@ -117,19 +196,19 @@ def _break_save(monkeypatch, exc: BaseException) -> None:
 def test_failed_save_leaves_nothing_half_written(overwrite, run, monkeypatch, tmp_path, tiny_model_dir,
                                                  text_file):
     out = tmp_path / "out"
-    if overwrite:
-        out.mkdir()
-        (out / "old.txt").write_text("previous result")
     model_dir = tiny_model_dir("llama")
+    args = ["prune", model_dir, "--out", out, "--target-layers", "4", "--calib-source", text_file, *CALIB]
+    previous = {}
+    if overwrite:  # a previous result, which --overwrite may replace
+        assert run(*args)[0] == 0
+        previous = {p.name: p.read_bytes() for p in out.iterdir()}
     _break_save(monkeypatch, OSError("No space left on device"))
-    args = ["prune", model_dir, "--out", out, "--target-layers", "4", "--calib-source", text_file,
-            *CALIB, *(["--overwrite"] if overwrite else [])]
     with pytest.raises(OSError, match="No space left"):
-        run(*args)
+        run(*args, *(["--overwrite"] if overwrite else []))
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     assert leftovers == []
     if overwrite:  # the previous folder is untouched
-        assert [p.name for p in out.iterdir()] == ["old.txt"]
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == previous
     else:
         assert not out.exists()
 

@@ -19,7 +19,7 @@ from layerfold.plan import Plan, PlanResult, load_plan, save_plan
 from layerfold.surgery import apply_plan as _apply_plan
 
 __all__ = ["LoadedModel", "PlanResult", "PruneReport", "analyze", "apply_plan", "evaluate", "heal", "load_model",
-           "load_plan", "make_plan", "prune", "save_plan"]
+           "load_plan", "make_plan", "preflight", "prune", "save_plan"]
 
 
 def heal(*args, **kwargs):
@@ -35,6 +35,51 @@ def analyze(*args, **kwargs):
 
     return _analyze(*args, **kwargs)
 
+
+def preflight(model: LoadedModel | torch.nn.Module | str | None = None, *, target: Target | None = None,
+              plan: str | Path | Plan | PlanResult | None = None, calibration: CalibrationConfig | None = None,
+              ppl: tuple[str, ...] = ()) -> Plan | None:
+    """Check what needs no weights, before any model is loaded, so that a mistake costs no loading
+    time: the texts (calibration, perplexity), the saved plan file, and the target or the plan
+    against the layer count in the model's config.json.  Returns the saved plan, if one is given."""
+    from layerfold.data.sources import load_text
+
+    for source in dict.fromkeys([*([calibration.source] if calibration is not None else []), *ppl]):
+        load_text(source)  # cached: planning and perplexity read the text from the cache
+    saved = plan.plan if isinstance(plan, PlanResult) else Plan.load(plan) if plan is not None else plan
+    if target is None and saved is None:
+        return saved
+    layers = _layers_in_config(model)
+    if layers is None:
+        return saved
+    if target is not None and target.param_ratio is None:  # a share of the parameters needs the weights
+        target.layers_to_remove(None, layers, layer_params=0)
+    if saved is not None and saved.num_layers != layers:
+        raise LayerfoldError(f"plan is for {saved.num_layers} layers, the model has {layers}")
+    return saved
+
+
+def _layers_in_config(model: LoadedModel | torch.nn.Module | str | None) -> int | None:
+    """The decoder layer count, read from config.json for a local folder or the embedded model
+    (None for a hub id, whose config :func:`load_model` fetches, and for an unusable config,
+    which :func:`load_model` reports in its own words)."""
+    from transformers import AutoConfig
+
+    from layerfold.models.arch import architecture_for
+    from layerfold.models.load import resolve_source
+
+    if isinstance(model, LoadedModel):
+        return len(model.arch.layer_list(model.model))
+    if isinstance(model, torch.nn.Module):
+        return architecture_for(model.config).num_layers(model.config)
+    _, path = resolve_source(model)
+    if not Path(path).is_dir():
+        return None
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError):
+        return None
+    return architecture_for(config).num_layers(config)
 
 
 def apply_plan(model: LoadedModel | torch.nn.Module, plan: Plan | PlanResult,
@@ -61,6 +106,9 @@ def prune(model: LoadedModel | str | None = None, out: str | Path | None = None,
     ``width`` (a :class:`layerfold.width.WidthRequest`) adds width pruning after the depth step,
     or shares ``target.param_ratio`` between depth and width; see
     :func:`layerfold.width.prune_with_width`."""
+    if not isinstance(model, LoadedModel | torch.nn.Module):
+        preflight(model, target=None if plan is not None else target, plan=plan,
+                  calibration=calibration if plan is None or width is not None else None, ppl=ppl)
     loaded = as_loaded(model)
     if max_gpu_memory is not None:  # a bad size or a missing GPU fails before any work
         from layerfold.streaming import parse_memory, resolve_compute_device

@@ -7,55 +7,36 @@ from typing import Annotated
 
 import typer
 
-from layerfold.cli.options import (
-    CalibSamples,
-    CalibSeqLen,
-    CalibSource,
-    Device,
-    DeviceMap,
-    Dtype,
-    MaxGpuMemory,
-    ModelArg,
-    Sampling,
-    Seed,
-    placement,
-)
+from layerfold.cli.options import Calibration, ModelArg, Placement, with_groups
+from layerfold.output import check_out
 
 DEFAULT_MEASURES = "cka-linear,cka-rbf,cosine,angular"
 
 
+@with_groups(calibration=Calibration, placement=Placement)
 def analyze_cmd(
     model: ModelArg = None,
     out: Annotated[Path, typer.Option(help="Output folder for analysis.json, <measure>.csv and .png.")] = ...,
     plan: Annotated[Path | None, typer.Option(help="A plan.json whose windows are outlined on the heatmaps.")] = None,
     measures: Annotated[str, typer.Option(help="Comma-separated: cka-linear, cka-rbf, cosine, "
                                                "angular.")] = DEFAULT_MEASURES,
-    calib_source: CalibSource = "books",
-    calib_samples: CalibSamples = 10,
-    calib_seq_len: CalibSeqLen = 128,
-    seed: Seed = 1234,
-    calib_sampling: Sampling = "random",
+    *,
+    calibration: Calibration,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
-    dtype: Dtype = "float32",
-    device: Device = "cpu",
-    max_gpu_memory: MaxGpuMemory = None,
-    device_map: DeviceMap = None,
+    placement: Placement,
 ) -> None:
     """Similarity between every pair of layer outputs on calibration text, per measure: JSON, CSV and
     heatmaps (bright squares on the diagonal are runs of similar layers, candidates for folding)."""
-    from layerfold.data.tokens import CalibrationConfig
-    from layerfold.errors import LayerfoldError
-    from layerfold.models.load import load_model
-    from layerfold.report.analysis import analyze, resolve_measures
+    from layerfold import api
+    from layerfold.report.analysis import resolve_measures
 
     kinds = resolve_measures(measures)  # fail before loading anything
-    if out.exists() and not overwrite:
-        raise LayerfoldError(f"output folder {out} exists: choose another --out or pass --overwrite")
-    calib = CalibrationConfig(source=calib_source, samples=calib_samples, seq_len=calib_seq_len, seed=seed,
-                              sampling=calib_sampling)
-    load_kw, stream_kw = placement(device, max_gpu_memory, device_map)
-    loaded = load_model(model, dtype=dtype, **load_kw)
-    result = analyze(loaded, out, measures=kinds, calibration=calib, plan=plan, overwrite=overwrite, **stream_kw)
+    check_out(out, overwrite)
+    calib = calibration.config()
+    load_kw, stream_kw = placement.resolve()
+    api.preflight(model, plan=plan, calibration=calib)
+    loaded = api.load_model(model, **load_kw)
+    result = api.analyze(loaded, out, measures=kinds, calibration=calib, plan=plan, overwrite=overwrite, **stream_kw)
     _print_summary(result)
 
 

@@ -36,7 +36,7 @@ def eval_cmd(
     max_windows: Annotated[int | None, typer.Option(help="Score only the first N windows.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the results (with their protocol) as JSON here.")] = None,
     dtype: Dtype = "float32",
-    device: Device = "cpu",
+    device: Device = "auto",
 ) -> None:
     """Evaluate a model: fixed-length token perplexity and zero-shot accuracy (protocol recorded)."""
     from rich.console import Console
@@ -48,8 +48,10 @@ def eval_cmd(
         from layerfold.evaluate.zeroshot import resolve_tasks
 
         resolve_tasks(tasks)
+    sources = None if ppl is None else split_list(ppl)
+    api.preflight(model, ppl=sources or ())
     loaded = api.load_model(model, dtype=dtype, device=device)
-    results = api.evaluate(loaded, ppl=None if ppl is None else split_list(ppl), seq_len=seq_len, bos=bos,
+    results = api.evaluate(loaded, ppl=sources, seq_len=seq_len, bos=bos,
                            batch_size=batch_size, max_windows=max_windows, tasks=tasks, limit=limit, hub=hub)
     console = Console()
     console.print(f"{results['model']}: {results['layers']} layers, {results['parameters']:,} parameters")

@@ -1,18 +1,27 @@
-"""Options shared by the commands, declared once, and the checks that run before any model is loaded."""
+"""Options shared by the commands, declared once, and the checks that run before any model is loaded.
+
+Options that several commands take come in groups (:class:`Planning`, :class:`Calibration`,
+:class:`Placement`): each option is declared once, as an annotated field of a pydantic model, and
+:func:`with_groups` adds a group's options to a command, which receives them as one validated object.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
-from pathlib import Path
+import typing
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
+from pydantic import BaseModel, ConfigDict
 
 from layerfold.errors import LayerfoldError
 
 ModelArg = Annotated[str | None, typer.Argument(help="Hub id or local folder; default: the embedded SmolLM2-135M.")]
 Dtype = Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")]
-Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (cuda when there is a GPU, else cpu).")]
 MaxGpuMemory = Annotated[str | None, typer.Option(
     "--max-gpu-memory", help="Larger than the GPU: keep the weights in CPU memory and bring one decoder layer at "
                              "a time to the GPU (--device, default cuda), within this much GPU memory: 8GiB, 8GB, "
@@ -21,23 +30,151 @@ DeviceMap = Annotated[str | None, typer.Option(
     "--device-map", help="Several GPUs: spread the model over them with accelerate (auto, balanced, "
                          "balanced_low_0, sequential); each layer runs on its own GPU. Replaces --device.")]
 
+Method = Annotated[str, typer.Option(help="Planner: slm (default), shortgpt, angular, laco, sleb, "
+                                          "shortened-ppl, shortened-taylor, last-n. See `layerfold methods`.")]
+Threshold = Annotated[float | None, typer.Option(help="slm, laco: similarity threshold, as in the papers.")]
+TargetLayers = Annotated[int | None, typer.Option("--target-layers", help="Layers to keep.")]
+Ratio = Annotated[float | None, typer.Option(help="Share of decoder layers to remove (default 0.2 for slm).")]
+ParamRatio = Annotated[float | None, typer.Option("--param-ratio", help="Share of all parameters to remove.")]
+Criterion = Annotated[str | None, typer.Option(help="slm: output-cosine, cka-linear, cka-rbf or angular.")]
+Merge = Annotated[str | None, typer.Option(help="slm, laco: merge operator (diff, mean, reference, base).")]
+Norms = Annotated[str | None, typer.Option(help="slm: norm parameters: base (keep the base layer's) or merge.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Other method option, key=value (repeatable).")]
+CalibSource = Annotated[str, typer.Option(help="Calibration text: books, ptb-train, or a text or .jsonl file.")]
+CalibSamples = Annotated[int, typer.Option(help="Calibration samples.")]
+CalibSeqLen = Annotated[int, typer.Option(help="Tokens per calibration sample.")]
+Seed = Annotated[int, typer.Option(help="Seed for calibration sampling.")]
+Sampling = Annotated[str, typer.Option(help="random (seeded) or strided.")]
 
-def placement(device: str, max_gpu_memory: str | None, device_map: str | None) -> tuple[dict, dict]:
-    """(load_model keywords, streaming keywords for the API), checked before anything is loaded."""
-    if max_gpu_memory is not None and device_map is not None:
-        raise LayerfoldError("give either --max-gpu-memory (stream from the CPU through one GPU) or --device-map "
-                             "(spread over GPUs), not both")
-    if max_gpu_memory is not None:
-        from layerfold.streaming import parse_memory, resolve_compute_device
 
-        parse_memory(max_gpu_memory)
-        compute = resolve_compute_device(None if device in ("cpu", "auto") else device)
-        return {"device": "cpu"}, {"max_gpu_memory": max_gpu_memory, "compute_device": compute}
-    if device_map is not None:
-        from layerfold.models.load import resolve_device_map
+class OptionGroup(BaseModel):
+    """Options declared once, as fields annotated with their ``typer.Option``; a command that
+    takes the group (:func:`with_groups`) gets them as one object, whose ``model_fields_set``
+    holds the options given on the command line."""
 
-        return {"device_map": resolve_device_map(device_map)}, {}
-    return {"device": device}, {}
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def parameters(cls) -> list[inspect.Parameter]:
+        hints = typing.get_type_hints(cls, include_extras=True)
+        return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[name], default=field.default)
+                for name, field in cls.model_fields.items()]
+
+    def flags_given(self) -> list[str]:
+        """The given options as the user typed them (``--target-layers``, ``--set``)."""
+        return ["--" + name.rstrip("_").replace("_", "-") for name in type(self).model_fields
+                if name in self.model_fields_set]
+
+
+def with_groups(**groups: type[OptionGroup]) -> Callable[[Callable], Callable]:
+    """Give a command the options of each group: the command's parameter ``name: Group`` becomes
+    the group's options on the command line and, when the command runs, one ``Group`` built from
+    the options the user gave (the others keep their defaults)."""
+
+    def decorate(func: Callable) -> Callable:
+        hints = typing.get_type_hints(func, include_extras=True)
+        params: list[inspect.Parameter] = []
+        for param in inspect.signature(func).parameters.values():
+            if param.name in groups:
+                params.extend(groups[param.name].parameters())
+            else:
+                params.append(param.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints[param.name]))
+        params.append(inspect.Parameter("_context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
+
+        @functools.wraps(func)
+        def command(**values):
+            context = values.pop("_context")
+            for name, group in groups.items():
+                mine = {field: values.pop(field) for field in group.model_fields}
+                values[name] = group(**{field: value for field, value in mine.items()
+                                        if context.get_parameter_source(field).name != "DEFAULT"})
+            return func(**values)
+
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate
+
+
+class Planning(OptionGroup):
+    """What to cut and how: the method, its size target and its options (prune and plan)."""
+
+    method: Method = "slm"
+    threshold: Threshold = None
+    target_layers: TargetLayers = None
+    ratio: Ratio = None
+    param_ratio: ParamRatio = None
+    criterion: Criterion = None
+    merge: Merge = None
+    norms: Norms = None
+    set_: SetOpt = None
+
+    def resolve(self):
+        """(the method's registered name, the :class:`~layerfold.methods.base.Target`, the method's
+        options), checked: an unknown method or option, or an impossible target, fails here."""
+        from layerfold.methods.base import Target, make_method
+
+        if self.target_layers is not None and self.target_layers < 1:
+            raise LayerfoldError(f"--target-layers must be at least 1, got {self.target_layers}")
+        target = Target(layers=self.target_layers, ratio=self.ratio, param_ratio=self.param_ratio)
+        options = method_options(self.set_, threshold=self.threshold, criterion=self.criterion, merge=self.merge,
+                                 norms=self.norms)
+        name = make_method(self.method, options).name  # the registered spelling of the name the user typed
+        if not target.given and self.threshold is None and name == "slm":
+            target = Target(ratio=0.2)
+        return name, target, options
+
+
+class Calibration(OptionGroup):
+    """The calibration text: which, how many windows of how many tokens, how they are drawn."""
+
+    calib_source: CalibSource = "books"
+    calib_samples: CalibSamples = 10
+    calib_seq_len: CalibSeqLen = 128
+    seed: Seed = 1234
+    calib_sampling: Sampling = "random"
+
+    def config(self):
+        from layerfold.data.tokens import CalibrationConfig
+
+        return CalibrationConfig(source=self.calib_source, samples=self.calib_samples, seq_len=self.calib_seq_len,
+                                 seed=self.seed, sampling=self.calib_sampling)
+
+
+class Placement(OptionGroup):
+    """Where the model's weights live and its layers run."""
+
+    dtype: Dtype = "float32"
+    device: Device = "auto"
+    max_gpu_memory: MaxGpuMemory = None
+    device_map: DeviceMap = None
+
+    def resolve(self) -> tuple[dict, dict]:
+        """(load_model keywords, streaming keywords for the API), checked before anything is loaded."""
+        if self.max_gpu_memory is not None and self.device_map is not None:
+            raise LayerfoldError("give either --max-gpu-memory (stream from the CPU through one GPU) or "
+                                 "--device-map (spread over GPUs), not both")
+        if self.max_gpu_memory is not None:
+            from layerfold.streaming import parse_memory, resolve_compute_device
+
+            parse_memory(self.max_gpu_memory)
+            compute = resolve_compute_device(None if self.device in ("cpu", "auto") else self.device)
+            return ({"dtype": self.dtype, "device": "cpu"},
+                    {"max_gpu_memory": self.max_gpu_memory, "compute_device": compute})
+        if self.device_map is not None:
+            from layerfold.models.load import resolve_device_map
+
+            return {"dtype": self.dtype, "device_map": resolve_device_map(self.device_map)}, {}
+        return {"dtype": self.dtype, "device": self.device}, {}
+
+
+def refuse_beside_plan(*groups: OptionGroup) -> None:
+    """A saved plan already decided what the given options would decide: refuse them, not ignore them."""
+    given = [flag for group in groups for flag in group.flags_given()]
+    if given:
+        raise LayerfoldError(f"--plan applies a saved plan, which {', '.join(given)} would not change: drop "
+                             f"{'it' if len(given) == 1 else 'them'}, or drop --plan to plan again")
 
 
 def split_list(value: str | None) -> tuple[str, ...]:
@@ -55,47 +192,6 @@ def method_options(pairs: list[str] | None, **given) -> dict:
         except json.JSONDecodeError:
             opts[key.replace("-", "_")] = value
     return opts
-
-
-def planning(method, threshold, target_layers, ratio, param_ratio, criterion, merge, norms, set_,
-              calib_source, calib_samples, calib_seq_len, seed, calib_sampling):
-    from layerfold.data.tokens import CalibrationConfig
-    from layerfold.methods.base import Target, make_method
-
-    if target_layers is not None and target_layers < 1:
-        raise LayerfoldError(f"--target-layers must be at least 1, got {target_layers}")
-    target = Target(layers=target_layers, ratio=ratio, param_ratio=param_ratio)
-    if not target.given and threshold is None and method == "slm":
-        target = Target(ratio=0.2)
-    options = method_options(set_, threshold=threshold, criterion=criterion, merge=merge, norms=norms)
-    make_method(method, options)  # unknown method or option: fail before loading the model
-    calib = CalibrationConfig(source=calib_source, samples=calib_samples, seq_len=calib_seq_len, seed=seed,
-                              sampling=calib_sampling)
-    return target, options, calib
-
-
-Method = Annotated[str, typer.Option(help="Planner: slm (default), shortgpt, angular, laco, sleb, "
-                                          "shortened-ppl, shortened-taylor, last-n. See `layerfold methods`.")]
-Threshold = Annotated[float | None, typer.Option(help="slm, laco: similarity threshold, as in the papers.")]
-TargetLayers = Annotated[int | None, typer.Option("--target-layers", help="Layers to keep.")]
-Ratio = Annotated[float | None, typer.Option(help="Share of decoder layers to remove (default 0.2 for slm).")]
-ParamRatio = Annotated[float | None, typer.Option("--param-ratio", help="Share of all parameters to remove.")]
-Criterion = Annotated[str | None, typer.Option(help="slm: output-cosine, cka-linear, cka-rbf or angular.")]
-Merge = Annotated[str | None, typer.Option(help="slm, laco: merge operator (diff, mean, reference, base).")]
-Norms = Annotated[str | None, typer.Option(help="slm: norm parameters: base (keep the base layer's) or merge.")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Other method option, key=value (repeatable).")]
-CalibSource = Annotated[str, typer.Option(help="Calibration text: books, ptb-train, wikitext2, or a file.")]
-CalibSamples = Annotated[int, typer.Option(help="Calibration samples.")]
-CalibSeqLen = Annotated[int, typer.Option(help="Tokens per calibration sample.")]
-Seed = Annotated[int, typer.Option(help="Seed for calibration sampling.")]
-Sampling = Annotated[str, typer.Option(help="random (seeded) or strided.")]
-
-
-def check_out(out: Path | None, overwrite: bool) -> None:
-    """Refuse an existing output folder before any work is done."""
-    if out is not None and out.exists() and not overwrite:
-        raise LayerfoldError(f"output folder {out} exists: choose another --out or pass --overwrite")
-
 
 
 def print_split(console, dw: dict) -> None:

@@ -8,50 +8,28 @@ from typing import Annotated
 import typer
 
 from layerfold.cli.options import (
-    CalibSamples,
-    CalibSeqLen,
-    CalibSource,
-    Criterion,
-    Device,
-    DeviceMap,
-    Dtype,
-    MaxGpuMemory,
-    Merge,
-    Method,
+    Calibration,
     ModelArg,
-    Norms,
-    ParamRatio,
-    Ratio,
-    Sampling,
-    Seed,
-    SetOpt,
-    TargetLayers,
-    Threshold,
-    check_out,
-    placement,
-    planning,
+    Placement,
+    Planning,
     print_split,
+    refuse_beside_plan,
     split_list,
+    with_groups,
 )
-from layerfold.errors import LayerfoldError
+from layerfold.output import check_out
 
 
 def register(app: typer.Typer) -> None:
     app.command()(prune)
 
 
+@with_groups(planning=Planning, calibration=Calibration, placement=Placement)
 def prune(
     model: ModelArg = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: layerfold-out/<model>-<method>).")] = None,
-    method: Method = "slm",
-    threshold: Threshold = None,
-    target_layers: TargetLayers = None,
-    ratio: Ratio = None,
-    param_ratio: ParamRatio = None,
-    criterion: Criterion = None,
-    merge: Merge = None,
-    norms: Norms = None,
-    set_: SetOpt = None,
+    *,
+    planning: Planning,
     plan: Annotated[Path | None, typer.Option(help="Apply a saved plan.json instead of planning.")] = None,
     width: Annotated[float | None, typer.Option(
         help="Then width-prune: share of every remaining decoder layer's attention and MLP projection "
@@ -71,48 +49,42 @@ def prune(
         help="Width: round the kept MLP width to a multiple of this (default 8).")] = None,
     held_out: Annotated[int | None, typer.Option(
         help="Width: held-out calibration windows that pick --split auto and --attention auto (default 16).")] = None,
-    calib_source: CalibSource = "books",
-    calib_samples: CalibSamples = 10,
-    calib_seq_len: CalibSeqLen = 128,
-    seed: Seed = 1234,
-    calib_sampling: Sampling = "random",
+    calibration: Calibration,
     ppl: Annotated[str, typer.Option(
         help="Perplexity before and after, comma-separated sources ('' for none).")] = "ptb",
     ppl_windows: Annotated[int, typer.Option(help="128-token windows per perplexity source.")] = 40,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
-    dtype: Dtype = "float32",
-    device: Device = "cpu",
-    max_gpu_memory: MaxGpuMemory = None,
-    device_map: DeviceMap = None,
+    placement: Placement,
 ) -> None:
     """Prune a model and save it as a plain Hugging Face folder (with plan.json and a model card);
     with --width or --split, width pruning too, in the same folder."""
     from layerfold import api
-
-    target, options, calib = planning(method, threshold, target_layers, ratio, param_ratio, criterion, merge,
-                                       norms, set_, calib_source, calib_samples, calib_seq_len, seed, calib_sampling)
-    if plan is not None and not plan.is_file():
-        raise LayerfoldError(f"plan file {plan} does not exist")
     from layerfold.width import WidthRequest, check_width_support
 
     widths = WidthRequest.from_options(width, split, width_plan, importance=importance, attention=attention,
                                        heads=heads, multiple_of=multiple_of, held_out=held_out)
+    if plan is not None:  # calibration still serves width pruning after the saved depth plan
+        refuse_beside_plan(planning, *(() if widths is not None else (calibration,)))
+    method, target, options = planning.resolve()
+    calib = calibration.config()
     if widths is not None:
         widths.check_depth(target, plan, options)
     check_out(out, overwrite)
-    load_kw, stream_kw = placement(device, max_gpu_memory, device_map)
-    api.check_width_with_cap(widths, max_gpu_memory)
-    loaded = api.load_model(model, dtype=dtype, **load_kw)
+    load_kw, stream_kw = placement.resolve()
+    api.check_width_with_cap(widths, placement.max_gpu_memory)
+    saved = api.preflight(model, target=None if plan is not None else target, plan=plan,
+                          calibration=calib if plan is None or widths is not None else None, ppl=split_list(ppl))
+    loaded = api.load_model(model, **load_kw)
     if widths is not None:
         check_width_support(loaded)
     if out is None:
-        out = Path("layerfold-out") / f"{Path(loaded.source).name}-{method}{'-width' if widths else ''}"
+        named = saved.method if saved is not None else method
+        out = Path("layerfold-out") / f"{Path(loaded.source).name}-{named}{'-width' if widths else ''}"
         check_out(out, overwrite)
     report = api.prune(loaded, out, method=method, target=target, calibration=calib, options=options,
                        plan=plan, overwrite=overwrite, ppl=split_list(ppl), ppl_windows=ppl_windows, width=widths,
                        **stream_kw)
     _print_report(report)
-
 
 
 def _print_report(report) -> None:

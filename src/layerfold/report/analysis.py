@@ -203,7 +203,7 @@ def read_plan(plan: str | Path | Plan | PlanResult | None, num_layers: int) -> P
     elif not isinstance(plan, Plan):
         plan = Plan.load(plan)
     if plan.num_layers != num_layers:
-        raise LayerfoldError(f"the plan is for a {plan.num_layers}-layer model, this model has {num_layers} layers")
+        raise LayerfoldError(f"plan is for {plan.num_layers} layers, the model has {num_layers}")
     return plan
 
 
