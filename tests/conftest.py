@@ -200,3 +200,32 @@ def run(monkeypatch, capsys, tmp_path):
         return code, out, err
 
     return invoke
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    """A short calibration text file, enough for a few 16-token windows of the tiny tokenizer."""
+    path = tmp_path / "calib.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    return path
+
+
+def assert_user_error(result: tuple[int, str, str], pattern: str) -> None:
+    """``run(...)``'s result is a user error: exit code 2 and one ``error:`` line holding ``pattern``."""
+    code, out, err = result
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2, (out, err)
+    assert len(errors) == 1, err
+    assert pattern in errors[0], errors[0]
+    assert "Traceback" not in err
+
+
+@pytest.fixture
+def no_weights_loaded(monkeypatch):
+    """Fail the test if any model's weights are loaded: for mistakes that must be reported first."""
+    from transformers import AutoModelForCausalLM
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model weights were loaded before the mistake was reported")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)

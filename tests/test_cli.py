@@ -12,37 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_json
+from conftest import assert_user_error, write_json
 
 CALIB = ["--ppl", "", "--calib-samples", "2", "--calib-seq-len", "16"]
-
-
-@pytest.fixture
-def text_file(tmp_path) -> Path:
-    path = tmp_path / "calib.txt"
-    path.write_text("The quick brown fox jumps over the lazy dog. " * 8)
-    return path
-
-
-
-@pytest.fixture
-def no_weights_loaded(monkeypatch):
-    """Fail the test if any model's weights are loaded: a mistake the files can show is reported first."""
-    from transformers import AutoModelForCausalLM
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("model weights were loaded before the mistake was reported")
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
-
-
-def assert_user_error(result: tuple[int, str, str], pattern: str) -> None:
-    code, out, err = result
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2, (out, err)
-    assert len(errors) == 1, err
-    assert pattern in errors[0], errors[0]
-    assert "Traceback" not in err
 
 
 def nothing_written(folder: Path, out_name: str) -> bool:
