@@ -169,7 +169,7 @@ def test_distillation_loss_is_zero_when_student_is_teacher(tokenizer, text_file)
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)
     assert first["hidden"] == pytest.approx(0.0, abs=1e-9)
     assert first["loss"] == pytest.approx(0.0, abs=1e-6)
-    assert report.record["mode"] == "distill" and report.record["teacher"] == "teacher"
+    assert report.record["mode"] == "lora+distill" and report.record["teacher"] == "teacher"
 
 
 def test_distillation_pulls_a_pruned_student_towards_its_teacher(tokenizer, text_file):

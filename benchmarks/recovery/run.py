@@ -1,253 +1,219 @@
-"""Recovery after pruning: LoRA healing against distillation from the original, same token budget.
+"""Recovery after pruning: today's LoRA on books against healing on text the original model writes.
 
-SmolLM2-135M (the embedded default, 30 layers) pruned to 20 layers (35%: 10 removed) by each
-method's plan, then healed twice from the same pruned weights with the same LoRA recipe,
-data, seed and number of tokens:
+The default's saved plans (``benchmarks/quality/default_plans``) are applied to the dense model;
+each pruned model is then healed from the same pruned weights under each arm, at each token
+budget:
 
-- ``lora``: next-token cross-entropy on the healing text (LLM-Pruner's recipe);
-- ``distill``: KL to the dense model's next-token distribution (the dense model is the teacher);
-- ``distill-hidden`` (optional): the same plus final-hidden-state matching.
+- ``lora-books``: LoRA (rank 8) on the next-token loss of the book text (``layerfold heal``'s
+  default recipe with a token budget);
+- ``layers-self``: every weight of the decoder layers, distilled (KL on the logits) from the dense
+  model on text the dense model writes (``layerfold heal --data self --train layers``);
+- ``lora-self``: LoRA distilled on the same self-written text (separates the text from what trains).
 
-Perplexity (fixed 128-token windows, no BOS, ``layerfold.evaluate.perplexity``) of the dense
-model, the pruned model and each healed model.  Healing text: ``books`` by default (the
-LAMBADA calibration half; never an evaluation set).
+Perplexity (every non-overlapping 128-token window, no BOS) on WikiText-2, PTB and LAMBADA for
+the dense, pruned and healed models; one row per model in ``results.jsonl`` (appended as each
+finishes, with commit, date, machine and command). ``--save-dir`` keeps the healed models of the
+largest budget for ``zeroshot.py``.  ``report.py`` writes RESULTS.md and the plot from the rows.
 
-On the GPU machine (the lead runs this):
+On the GPU (the job list in ``benchmarks/jobs/recovery.txt``)::
 
-    python benchmarks/recovery.py --method slm --method shortgpt --device cuda --dtype bfloat16 \\
-        --max-tokens 2000000 --eval wikitext2,ptb --eval-windows 60
+    python benchmarks/recovery/run.py --device cuda --budgets 2000000,8000000 --results $HOME/lf/out/recovery.jsonl
 
-A small CPU smoke run (writes elsewhere, clearly labelled):
+A CPU smoke run (rows marked ``smoke``; not results)::
 
-    python benchmarks/recovery.py --method slm --device cpu --max-steps 20 --batch-size 1 \\
-        --grad-accum 1 --cutoff 128 --eval ptb --eval-windows 10 --results /tmp/recovery-smoke
+    python benchmarks/recovery/run.py --device cpu --budgets 32768 --batch-size 8 --cutoff 128 --eval-windows 8 \\
+        --gen-batch 16 --arms layers-self --plan benchmarks/quality/default_plans/smollm2-0.35.json \\
+        --results /tmp/r.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import gc
 import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from layerfold import api
-from layerfold.data.tokens import CalibrationConfig
 from layerfold.evaluate.perplexity import perplexity
-from layerfold.methods.base import Target
 from layerfold.models.arch import parameter_count
 from layerfold.models.load import LoadedModel, load_model, wrap_model
+from layerfold.plan import load_plan
 from layerfold.recover import heal, make_config
+from layerfold.surgery import apply_plan
 
-RESULTS = Path(__file__).resolve().parent / "results" / "recovery"
-MODES = ("lora", "distill", "distill-hidden")
+HERE = Path(__file__).resolve().parent
+PLANS = HERE.parent / "quality" / "default_plans"
+ARMS = ("lora-books", "layers-self", "lora-self")
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def machine_info(device: str) -> dict:
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("LAYERFOLD_COMMIT", "unknown")
+
+
+def machine(device: str) -> dict:
     import transformers
 
     info = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+            "python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
     if device.startswith("cuda") and torch.cuda.is_available():
         info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
     return info
 
 
+class Rows:
+    """results.jsonl, appended one row at a time (so a run cut short keeps what it finished)."""
+
+    def __init__(self, path: Path, args) -> None:
+        self.path, self.common = path, {"commit": commit(), "machine": machine(args.device),
+                                        "command": "python " + shlex.join(sys.argv), "smoke": args.device == "cpu"}
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, row: dict) -> None:
+        row = {**row, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), **self.common}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        log(f"row: {row.get('plan', 'dense')} {row.get('arm', '')} {row.get('budget', '')} "
+            f"{ {k: round(v, 2) for k, v in row['perplexity'].items()} }")
+
+
 def evaluate(model: torch.nn.Module, tokenizer, args) -> dict[str, float]:
     model.eval()
-    return {s: perplexity(model, tokenizer, s, seq_len=128, batch_size=args.eval_batch_size,
-                          max_windows=args.eval_windows, progress=False).perplexity for s in args.eval}
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device.startswith("cuda")):
+        return {s: perplexity(model, tokenizer, s, seq_len=128, batch_size=args.eval_batch_size,
+                              max_windows=args.eval_windows, progress=False).perplexity for s in args.eval}
 
 
-def heal_config(args, mode: str):
-    distill = {"distill": "dense"} if mode.startswith("distill") else {}
-    hidden = {"hidden_weight": args.hidden_weight} if mode == "distill-hidden" else {}
-    return make_config(data=args.data, cutoff=args.cutoff, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                       max_steps=args.max_steps, max_tokens=args.max_tokens, lr=args.lr, seed=args.seed,
-                       temperature=args.temperature, eval_sources=(), checkpoint_every=0, **distill, **hidden)
+def arm_config(arm: str, budget: int, args):
+    data, train = {"lora-books": ("books", "lora"), "layers-self": ("self", "layers"),
+                   "lora-self": ("self", "lora")}[arm]
+    lr = args.layers_lr if train == "layers" else args.lora_lr
+    self_text = dict(batch=args.gen_batch, length=args.gen_length)
+    return make_config(data=data, train=train, lr=lr, max_tokens=budget, cutoff=args.cutoff,
+                       batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed, eval_sources=(),
+                       checkpoint_every=0, self_text=self_text, compile=args.compile)
 
 
-def prune(dense: LoadedModel, method: str, remove: int, args) -> tuple[LoadedModel, dict]:
-    model = copy.deepcopy(dense.model).requires_grad_(True)  # gradient-based planners need it
-    loaded = wrap_model(model, dense.tokenizer, source=f"{dense.source}-{method}")
-    layers = len(dense.arch.layer_list(dense.model))
-    calib = CalibrationConfig(source=args.calib_source, samples=args.calib_samples, seq_len=128, seed=args.seed)
-    start = time.perf_counter()
-    result = api.make_plan(loaded, method=method, target=Target(layers=layers - remove), calibration=calib,
-                           progress=False)
-    api.apply_plan(loaded, result)
-    return loaded, {"plan": result.plan.summary(), "operations": [[op.kind, op.lo, op.hi] for op in
-                                                                  result.plan.operations],
-                    "planning_seconds": round(time.perf_counter() - start, 2),
-                    "layers": len(loaded.arch.layer_list(model)), "parameters": parameter_count(model)}
+def pruned_copy(dense: LoadedModel, plan_path: Path) -> tuple[LoadedModel, dict]:
+    result = load_plan(plan_path)
+    model = apply_plan(copy.deepcopy(dense.model), result.plan, result.overrides)
+    facts = {"plan": plan_path.stem, "plan_summary": result.plan.summary(),
+             "layers": len(dense.arch.layer_list(model)), "parameters": parameter_count(model)}
+    return wrap_model(model, dense.tokenizer, source=f"{dense.source}-{plan_path.stem}"), facts
 
 
-def tenth_losses(losses: list[dict]) -> dict[str, float]:
-    """Mean training loss over the first and the last tenth of the steps (one step is noisy)."""
-    k = max(1, len(losses) // 10)
-    return {"loss_first_tenth": sum(x["loss"] for x in losses[:k]) / k,
-            "loss_last_tenth": sum(x["loss"] for x in losses[-k:]) / k}
-
-
-def run_mode(pruned: LoadedModel, dense: LoadedModel, mode: str, args) -> dict:
+def heal_row(pruned: LoadedModel, teacher: LoadedModel, arm: str, budget: int, args) -> tuple[dict, torch.nn.Module]:
     student = wrap_model(copy.deepcopy(pruned.model), pruned.tokenizer, source=pruned.source)
-    teacher = wrap_model(dense.model, dense.tokenizer, source="dense") if mode.startswith("distill") else None
+    config = arm_config(arm, budget, args)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    report = heal(student, None, heal_config(args, mode), teacher=teacher, device=args.device,
+    report = heal(student, None, config, teacher=teacher if config.distilling else None, device=args.device,
                   progress=not args.quiet)
-    record = report.record
-    row = {"mode": mode, "perplexity": evaluate(report.model, pruned.tokenizer, args),
-           "steps": record["steps"], "tokens_trained": record["tokens_trained"],
-           "epochs_over_data": round(record["epochs_over_data"], 3),
-           "train_seconds": record["train_seconds_this_run"],
-           "tokens_per_second": round(record["tokens_trained"] / max(record["train_seconds_this_run"], 1e-9)),
-           "peak_gpu_memory_gib": record["peak_gpu_memory_gib"], **tenth_losses(record["losses"]),
-           "losses": record["losses"], "trainable_parameters": record["lora"]["trainable_parameters"]}
-    del report, student
-    gc.collect()
-    return row
+    r = report.record
+    k = max(1, len(r["losses"]) // 10)
+    row = {"arm": arm, "budget": budget, "train": r["train"], "mode": r["mode"], "data": config.data,
+           "lr": config.lr, "steps": r["steps"], "tokens_trained": r["tokens_trained"],
+           "train_seconds": r["train_seconds_this_run"],
+           "train_tokens_per_second": r["train_tokens_per_second_this_run"],
+           "trainable_parameters": r["trainable_parameters"], "peak_gpu_memory_gib": r["peak_gpu_memory_gib"],
+           "loss_first_tenth": sum(x["loss"] for x in r["losses"][:k]) / k,
+           "loss_last_tenth": sum(x["loss"] for x in r["losses"][-k:]) / k,
+           "self_text": _self_text_summary(r["data"]["self_text"]), "recipe": r["recipe"]}
+    return row, report.model
 
 
-def run(args) -> dict:
+def _self_text_summary(record: dict | None) -> dict | None:
+    if record is None:
+        return None
+    keys = ("recipe", "chunks", "chunks_generated_now", "tokens_kept", "tokens_generated_now", "generation_seconds",
+            "generation_tokens_per_second", "steady_tokens_per_second", "filter")
+    return {k: record.get(k) for k in keys}
+
+
+def run(args) -> None:
+    rows = Rows(Path(args.results), args)
     torch.manual_seed(args.seed)
-    dense = load_model(args.model, dtype=args.dtype, device=args.device)
-    layers = len(dense.arch.layer_list(dense.model))
-    log(f"{dense.source}: {layers} layers; evaluating the dense model")
-    result = {"command": "python " + shlex.join(sys.argv), "machine": machine_info(args.device),
-              "model": dense.source, "dtype": args.dtype, "remove": args.remove,
-              "recipe": heal_config(args, "lora").model_dump(mode="json"), "eval_windows": args.eval_windows,
-              "dense": {"layers": layers, "parameters": parameter_count(dense.model),
-                        "perplexity": evaluate(dense.model, dense.tokenizer, args)},
-              "methods": {}}
-    for method in args.method:
-        log(f"{method}: planning {layers} -> {layers - args.remove} layers")
-        pruned, facts = prune(dense, method, args.remove, args)
-        facts["perplexity"] = evaluate(pruned.model, pruned.tokenizer, args)
-        log(f"{method}: {facts['plan']}; perplexity {facts['perplexity']}")
-        facts["healed"] = []
-        for mode in args.modes:
-            log(f"{method}: healing ({mode})")
-            row = run_mode(pruned, dense, mode, args)
-            log(f"{method} + {mode}: {row['steps']} steps, {row['tokens_trained']:,} tokens, "
-                f"{row['train_seconds']:.1f} s; perplexity {row['perplexity']}")
-            facts["healed"].append(row)
-        result["methods"][method] = facts
-        del pruned
-        gc.collect()
-    return result
-
-
-def _fmt(x: float) -> str:
-    return f"{x:,.1f}" if x < 1e5 else f"{x:.3g}"
-
-
-def markdown(res: dict, smoke: bool) -> str:
-    sources = list(res["dense"]["perplexity"])
-    recipe = res["recipe"]
-    head = "| model | layers | " + " | ".join(f"{s} ppl" for s in sources) + \
-        " | steps | tokens | train loss, first -> last tenth of steps | heal time (s) | tokens/s |"
-    sep = "|" + "---|" * (head.count("|") - 1)
-    rows = [f"| dense | {res['dense']['layers']} | " + " | ".join(_fmt(res['dense']['perplexity'][s])
-                                                                  for s in sources) + " | - | - | - | - | - |"]
-    for method, facts in res["methods"].items():
-        rows.append(f"| {method} (no healing) | {facts['layers']} | " +
-                    " | ".join(_fmt(facts['perplexity'][s]) for s in sources) + " | - | - | - | - | - |")
-        for row in facts["healed"]:
-            rows.append(f"| {method} + {row['mode']} | {facts['layers']} | " +
-                        " | ".join(_fmt(row['perplexity'][s]) for s in sources) +
-                        f" | {row['steps']} | {row['tokens_trained']:,} | {row['loss_first_tenth']:.3f} -> "
-                        f"{row['loss_last_tenth']:.3f} | {row['train_seconds']:.1f} | {row['tokens_per_second']:,} |")
-    plans = "\n".join(f"- {m}: {f['plan']}" for m, f in res["methods"].items())
-    title = "# Recovery after pruning: LoRA vs distillation" + (" (CPU SMOKE RUN, not a result)" if smoke else "")
-    warning = ("\n**A CPU smoke run proving the script works end to end; its figures are not the benchmark "
-               "result.**\n" if smoke else "")
-    machine = res["machine"]
-    return f"""{title}
-{warning}
-    {res['command']}
-
-Machine: {machine.get('gpu', 'CPU')} ({machine['platform']}), torch {machine['torch']}, transformers
-{machine['transformers']}; model {res['model']} in {res['dtype']}.
-
-Plans ({res['remove']} layers removed):
-{plans}
-
-Healing: LoRA rank {recipe['rank']}, alpha {recipe['alpha']}, dropout {recipe['dropout']} on every linear
-projection of the decoder layers, lr {recipe['lr']}, {recipe['cutoff']}-token blocks, {recipe['batch_size']} x
-{recipe['grad_accum']} blocks per step, data `{recipe['data']}`, seed {recipe['seed']}. `lora` minimises the
-next-token loss; `distill` the KL to the dense model's next-token distribution (temperature
-{recipe['temperature']}); `distill-hidden` adds final-hidden-state matching. Every healed row of one method
-starts from the same pruned weights and trains on the same blocks in the same order. Training loss is
-the quantity each mode minimises (cross-entropy for `lora`, KL for `distill`), so it does not compare
-across modes; perplexity does. Perplexity: first {res['eval_windows']} non-overlapping 128-token windows, no
-BOS.
-
-{head}
-{sep}
-""" + "\n".join(rows) + "\n"
+    dense = load_model(args.model, dtype="float32", device=args.device)
+    teacher = dense
+    if args.device.startswith("cuda"):  # the frozen teacher (and writer) in bf16: it runs under bf16 autocast
+        teacher = wrap_model(copy.deepcopy(dense.model).to(torch.bfloat16), dense.tokenizer, source=dense.source)
+    if not args.skip_reference:
+        rows.add({"kind": "dense", "model": dense.source, "layers": len(dense.arch.layer_list(dense.model)),
+                  "parameters": parameter_count(dense.model), "perplexity": evaluate(dense.model, dense.tokenizer,
+                                                                                     args)})
+    pruned = {}
+    for plan_path in args.plan:
+        pruned[plan_path] = pruned_copy(dense, plan_path)
+        loaded, facts = pruned[plan_path]
+        if not args.skip_reference:
+            rows.add({"kind": "pruned", "model": dense.source, **facts,
+                      "perplexity": evaluate(loaded.model, loaded.tokenizer, args)})
+    for budget in args.budgets:
+        for plan_path in args.plan:
+            loaded, facts = pruned[plan_path]
+            for arm in args.arms:
+                log(f"{facts['plan']}: {arm} at {budget:,} tokens")
+                row, model = heal_row(loaded, teacher, arm, budget, args)
+                row["perplexity"] = evaluate(model, loaded.tokenizer, args)
+                rows.add({"kind": "healed", "model": dense.source, **facts, **row})
+                if args.save_dir and budget == max(args.budgets):
+                    model.save_pretrained(Path(args.save_dir) / f"{facts['plan']}-{arm}-{budget}")
+                del model
+                gc.collect()
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M)")
-    p.add_argument("--method", action="append", help="planner (repeatable; default slm and shortgpt)")
-    p.add_argument("--remove", type=int, default=10, help="decoder layers to remove (default 10 of 30: 35%%)")
-    p.add_argument("--modes", default="lora,distill", help=f"comma-separated, of {', '.join(MODES)}")
-    p.add_argument("--data", default="books")
-    p.add_argument("--max-tokens", type=int, default=None, help="token budget per healing run")
-    p.add_argument("--max-steps", type=int, default=None, help="or a step budget")
+    p.add_argument("--plan", action="append", type=Path,
+                   help="saved plan (repeatable; default: the SmolLM2 default's plans at 20%% and 35%%)")
+    p.add_argument("--budgets", default="2000000,8000000", help="healing tokens per run, comma-separated")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     p.add_argument("--cutoff", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--hidden-weight", type=float, default=1.0, help="for the distill-hidden mode")
-    p.add_argument("--calib-source", default="books")
-    p.add_argument("--calib-samples", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64, help="blocks per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lora-lr", type=float, default=1e-4)
+    p.add_argument("--layers-lr", type=float, default=2e-4)
+    p.add_argument("--gen-batch", type=int, default=1024, help="samples the dense model writes together")
+    p.add_argument("--gen-length", type=int, default=256)
+    p.add_argument("--compile", action="store_true")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--eval", default="wikitext2,ptb", help="perplexity sources, comma-separated")
-    p.add_argument("--eval-windows", type=int, default=60)
-    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--eval", default="wikitext2,ptb,lambada", help="perplexity sources, comma-separated")
+    p.add_argument("--eval-windows", type=int, default=100000, help="windows per source (default: all)")
+    p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--results", default=str(RESULTS), help="writes RESULTS.json and RESULTS.md")
+    p.add_argument("--skip-reference", action="store_true", help="no dense and unhealed rows (already measured)")
+    p.add_argument("--save-dir", default=None, help="keep the healed models of the largest budget here")
+    p.add_argument("--results", default=str(HERE / "results.jsonl"))
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    args.method = args.method or ["slm", "shortgpt"]
-    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    args.plan = args.plan or [PLANS / "smollm2-0.2.json", PLANS / "smollm2-0.35.json"]
+    args.budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     args.eval = [s.strip() for s in args.eval.split(",") if s.strip()]
-    unknown = [m for m in args.modes if m not in MODES]
+    unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
-        p.error(f"unknown mode(s) {unknown}: choose from {', '.join(MODES)}")
+        p.error(f"unknown arm(s) {unknown}: choose from {', '.join(ARMS)}")
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse(argv)
-    start = time.perf_counter()
-    res = run(args)
-    res["seconds"] = round(time.perf_counter() - start, 1)
-    smoke = not args.device.startswith("cuda")
-    res["smoke_run"] = smoke
-    out = Path(args.results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(res, smoke))
-    log(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} ({res['seconds']} s)")
-
-
 if __name__ == "__main__":
-    main()
+    start = time.perf_counter()
+    run(parse())
+    log(f"done in {time.perf_counter() - start:.0f} s")

@@ -9,22 +9,35 @@ so that a short run still decays).
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from layerfold.errors import LayerfoldError
+from layerfold.recover.selftext import SelfTextRecipe
 
 # Fields that change what is trained: a checkpoint can only be resumed under the same values.
 TRAINING_FIELDS = ("data", "rank", "alpha", "dropout", "lr", "epochs", "cutoff", "batch_size", "grad_accum",
                    "max_steps", "max_tokens", "warmup_steps", "weight_decay", "max_grad_norm", "seed", "distill",
-                   "temperature", "kl_weight", "ce_weight", "hidden_weight")
+                   "temperature", "kl_weight", "ce_weight", "hidden_weight", "train", "mixed_precision",
+                   "self_text")
+SELF = "self"  # --data self: text written by the original model (layerfold.recover.selftext)
 
 
 class HealConfig(BaseModel):
-    """How to heal a pruned model (LoRA fine-tuning, optionally distilling from a teacher)."""
+    """How to heal a pruned model (LoRA or the decoder layers themselves, optionally distilling from a teacher)."""
 
     model_config = ConfigDict(extra="forbid")
 
     data: str = "books"
+    # what trains: LoRA adapters (merged back), or every weight of the decoder layers the plan kept or fused
+    train: Literal["lora", "layers"] = "lora"
+    # --data self: the recipe of the text the teacher writes, and how many tokens of it (None: the token budget)
+    self_text: SelfTextRecipe = Field(default_factory=SelfTextRecipe)
+    self_tokens: int | None = Field(None, ge=1)
+    # bfloat16 autocast for the forward passes on CUDA (weights and optimizer state stay as loaded); no effect on CPU
+    mixed_precision: bool = True
+    compile: bool = False  # torch.compile the student's and the teacher's forward passes
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
@@ -56,18 +69,31 @@ class HealConfig(BaseModel):
     def _consistent(self) -> HealConfig:
         if self.max_steps is not None and self.max_tokens is not None:
             raise ValueError("give only one of max_steps and max_tokens")
-        if self.distill is None and (self.hidden_weight > 0 or self.ce_weight > 0):
+        if self.distill is None and not self.self_written and (self.hidden_weight > 0 or self.ce_weight > 0):
             raise ValueError("hidden_weight and ce_weight weigh distillation terms: they need --distill")
+        if self.self_written and self.data != SELF:
+            raise ValueError(f"'{SELF}' cannot be joined with other data: give --data {SELF} alone")
         if self.distill is not None and self.kl_weight + self.ce_weight + self.hidden_weight == 0:
             raise ValueError("distillation with every loss weight at zero trains nothing")
         return self
 
     @property
+    def self_written(self) -> bool:
+        return SELF in [p.strip() for p in self.data.split(",")]
+
+    @property
     def mode(self) -> str:
-        return "distill" if self.distill is not None else "lora"
+        """``lora`` or ``layers`` (what trains), ``+distill`` when a teacher's logits are the target."""
+        return self.train + ("+distill" if self.distill is not None or self.self_written else "")
+
+    @property
+    def distilling(self) -> bool:
+        return self.distill is not None or self.self_written
 
     def training_fingerprint(self) -> dict:
-        return {k: getattr(self, k) for k in TRAINING_FIELDS}
+        fields = {k: getattr(self, k) for k in TRAINING_FIELDS}
+        fields["self_text"] = self.self_text.model_dump() if self.self_written else None
+        return fields
 
 
 def make_config(**options) -> HealConfig:

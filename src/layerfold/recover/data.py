@@ -71,16 +71,22 @@ def load_heal_text(spec: str) -> str:
 
 
 def describe_data(spec: str) -> str:
+    if spec.strip() == "self":
+        return "text written by the original model from calibration-passage openings or BOS"
     return " + ".join(f"hub dataset {p[3:]}" if p.startswith("hf:") else source_description(p)
                       for p in data_parts(spec))
 
 
 def token_blocks(tokenizer, spec: str, cutoff: int) -> torch.Tensor:
     """``[blocks, cutoff]`` token ids, consecutive in the text."""
-    stream = token_stream(tokenizer, load_heal_text(spec))
+    return blocks_from_stream(token_stream(tokenizer, load_heal_text(spec)), cutoff, f"--data {spec}")
+
+
+def blocks_from_stream(stream: torch.Tensor, cutoff: int, what: str) -> torch.Tensor:
+    """Cut a token stream into ``[blocks, cutoff]`` (the tail shorter than a block is dropped)."""
     n = len(stream) // cutoff
     if n < 1:
-        raise LayerfoldError(f"--data {spec} has {len(stream)} tokens: fewer than one block of {cutoff}")
+        raise LayerfoldError(f"{what} has {len(stream)} tokens: fewer than one block of {cutoff}")
     return stream[: n * cutoff].view(n, cutoff)
 
 

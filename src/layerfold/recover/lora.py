@@ -64,6 +64,20 @@ def attach_lora(model: nn.Module, config: HealConfig):
         return get_peft_model(model, lora)
 
 
+def train_decoder_layers(model: nn.Module) -> list[str]:
+    """Freeze everything but the decoder layers (the ones the plan kept or fused); return their names.
+
+    Embeddings, the final norm and the LM head stay as the original model had them: they are
+    shared with the teacher's view of the vocabulary, and depth pruning did not touch them."""
+    arch = architecture_for(model.config)
+    model.requires_grad_(False)
+    names = []
+    for i, layer in enumerate(arch.layer_list(model)):
+        layer.requires_grad_(True)
+        names.append(f"{arch.layers}.{i}")
+    return names
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
