@@ -224,6 +224,21 @@ def test_nan_model_is_refused_naming_the_tensor(run, nan_model_dir, tmp_path, te
     assert not out.exists() and leftovers(tmp_path, "out") == []
 
 
+@pytest.mark.parametrize("method", ["shortgpt", "last-n", "slm"])
+def test_nan_model_in_memory_is_never_written(tiny_model, tiny_tokenizer, tmp_path, text_file, method):
+    from layerfold.api import prune
+    from layerfold.data.tokens import CalibrationConfig
+    from layerfold.methods.base import Target
+    from layerfold.models.load import wrap_model
+
+    loaded = wrap_model(nan_model(tiny_model), tiny_tokenizer)
+    with pytest.raises(LayerfoldError, match="decoder layer 2") as info:
+        prune(loaded, tmp_path / "out", method=method, target=Target(layers=4), progress=False,
+              calibration=CalibrationConfig(source=str(text_file), samples=2, seq_len=16))
+    assert "max_window" not in str(info.value)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path, "out") == []
+
+
 def test_nan_activations_name_the_layer(tiny_model):
     from layerfold.calibrate import capture
     from layerfold.models.arch import architecture_for

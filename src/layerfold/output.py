@@ -86,7 +86,7 @@ def _write_marker(folder: Path) -> None:
     from layerfold import __version__
 
     files = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if not f.is_dir())
-    record = {"written_by": "layerfold", "version": __version__, "command": command_line(), "files": files}
+    record = {"written_by": "layerfold", "version": __version__, "files": files}
     (folder / MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 

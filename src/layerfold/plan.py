@@ -256,7 +256,7 @@ def check_plan_file(path: str | Path, model: str | None = None, force: bool = Fa
     plan = Plan.load(path)
     from transformers import AutoConfig
 
-    from layerfold.models.arch import architecture_for, get_dotted
+    from layerfold.models.arch import architecture_for
     from layerfold.models.fingerprint import config_fingerprint
     from layerfold.models.load import resolve_source
 
@@ -265,8 +265,7 @@ def check_plan_file(path: str | Path, model: str | None = None, force: bool = Fa
         config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise LayerfoldError(f"cannot read the config of '{label}': {str(exc).strip().splitlines()[0]}") from exc
-    arch = architecture_for(config)
-    layers = get_dotted(config, arch.layer_count_keys[0])
+    layers = architecture_for(config).num_layers(config)
     if layers != plan.num_layers:
         raise LayerfoldError(f"plan file {path} is for a {plan.num_layers}-layer model; '{label}' has {layers} layers")
     if not force and plan.fingerprint.get("config") not in (None, config_fingerprint(config)):
