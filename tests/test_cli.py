@@ -81,7 +81,8 @@ def test_bad_options_are_reported_before_the_model_is_loaded(run, tmp_path, tiny
                           (["--ratio", "0.99"], "would remove 6 of 6 layers"),
                           (["--method", "slmm"], "Did you mean 'slm'")]:
         for command in ("prune", "plan"):
-            result = run(command, model_dir, "--out", tmp_path / "out", "--calib-source", text_file, *args)
+            result = run(command, model_dir, "--out", tmp_path / "out", "--calib-source", text_file, *CALIB[2:],
+                         *args)
             assert_user_error(result, message)
     assert nothing_written(tmp_path, "out")
 
@@ -111,7 +112,8 @@ def test_planning_options_beside_plan_are_refused(args, message, run, tmp_path, 
     (None, "plan file missing-plan.json does not exist"),
     ('{"method": "slm", "num_layers": ', "is not valid JSON"),
     ('{"method": "slm", "num_layers": 6, "operations": [{"kind": "drop", "lo": 7, "hi": 7}]}', "outside 0..5"),
-    ('{"method": "slm", "num_layers": 8, "operations": []}', "plan is for 8 layers, the model has 6"),
+    ('{"method": "slm", "num_layers": 8, "operations": []}', "is for a 8-layer model;"),
+    ('{"method": "slm", "num_layers": 6, "operations": [], "fingerprint": {"config": "0"}}', "another shape"),
 ])
 def test_bad_plan_file_is_reported_before_the_model_is_loaded(text, message, run, tmp_path, tiny_model_dir,
                                                               no_weights_loaded):
@@ -121,6 +123,30 @@ def test_bad_plan_file_is_reported_before_the_model_is_loaded(text, message, run
     result = run("prune", tiny_model_dir("llama"), "--plan", plan.name, "--out", tmp_path / "out", "--ppl", "")
     assert_user_error(result, message)
     assert nothing_written(tmp_path, "out")
+
+
+def test_force_applies_a_plan_of_another_model_and_needs_a_plan(run, tmp_path, tiny_model_dir, text_file):
+    from layerfold.plan import Operation, Plan
+
+    plan = tmp_path / "other.json"
+    Plan(method="shortgpt", num_layers=6, operations=[Operation("drop", 1, 1)],
+         fingerprint={"config": "0", "weights": "0"}).save(plan)
+    model_dir = tiny_model_dir("llama")
+    assert_user_error(run("prune", model_dir, "--force", "--out", tmp_path / "out", "--target-layers", "4"),
+                      "--force applies a --plan made for another model: it needs --plan")
+    assert nothing_written(tmp_path, "out")
+    with pytest.warns(UserWarning, match="applied anyway"):
+        code, stdout, err = run("prune", model_dir, "--plan", plan, "--force", "--out", tmp_path / "out", "--ppl", "")
+    assert code == 0, err
+    assert "6 -> 5 layers" in stdout
+
+
+def test_method_name_in_any_case_is_the_registered_one(run, tmp_path, tiny_model_dir, text_file):
+    model_dir = tiny_model_dir("llama")
+    code, _, err = run("prune", model_dir, "--method", "ShortGPT", "--target-layers", "4", "--calib-source",
+                       text_file, *CALIB)
+    assert code == 0, err
+    assert [p.name for p in (tmp_path / "layerfold-out").iterdir()] == [f"{model_dir.name}-shortgpt"]
 
 
 @pytest.mark.parametrize("command", ["prune", "plan", "analyze"])
@@ -135,8 +161,16 @@ def test_missing_calibration_file_is_reported_before_the_model_is_loaded(command
 def test_missing_perplexity_text_is_reported_before_the_model_is_loaded(run, tmp_path, tiny_model_dir, text_file,
                                                                         no_weights_loaded):
     result = run("prune", tiny_model_dir("llama"), "--out", tmp_path / "out", "--target-layers", "4",
-                 "--calib-source", text_file, "--ppl", "ptb,nowhere.txt")
+                 "--calib-source", text_file, *CALIB[2:], "--ppl", "ptb,nowhere.txt")
     assert_user_error(result, "text file nowhere.txt does not exist")
+    assert nothing_written(tmp_path, "out")
+
+
+def test_too_short_calibration_text_is_reported_before_the_model_is_loaded(run, tmp_path, tiny_model_dir,
+                                                                           text_file, no_weights_loaded):
+    result = run("prune", tiny_model_dir("llama"), "--out", tmp_path / "out", "--target-layers", "4",
+                 "--calib-source", text_file, "--calib-samples", "10", "--calib-seq-len", "128")
+    assert_user_error(result, "is too short")
     assert nothing_written(tmp_path, "out")
 
 
@@ -195,7 +229,7 @@ def test_interrupted_save(run, monkeypatch, tmp_path, tiny_model_dir, text_file)
     assert nothing_written(tmp_path, "out")
 
 
-def test_prune_plan_and_reapply_end_to_end(run, tmp_path, tiny_model_dir, text_file):
+def test_prune_plan_and_reapply_end_to_end(run, tmp_path, tiny_model_dir, text_file, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     model_dir = tiny_model_dir("qwen2")
@@ -225,6 +259,7 @@ def test_prune_plan_and_reapply_end_to_end(run, tmp_path, tiny_model_dir, text_f
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
 
-    # a plan for another depth is refused
+    # a plan for another depth is refused, before the model is loaded
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", None)
     assert_user_error(run("prune", out, "--plan", out / "plan.json", "--out", tmp_path / "x", "--ppl", ""),
-                      "plan is for 6 layers, the model has 4")
+                      "is for a 6-layer model;")

@@ -38,31 +38,34 @@ def analyze(*args, **kwargs):
 
 def preflight(model: LoadedModel | torch.nn.Module | str | None = None, *, target: Target | None = None,
               plan: str | Path | Plan | PlanResult | None = None, calibration: CalibrationConfig | None = None,
-              ppl: tuple[str, ...] = ()) -> Plan | None:
+              ppl: tuple[str, ...] = (), force: bool = False) -> Plan | None:
     """Check what needs no weights, before any model is loaded, so that a mistake costs no loading
-    time: the texts (calibration, perplexity), the saved plan file, and the target or the plan
-    against the layer count in the model's config.json.  Returns the saved plan, if one is given."""
+    time: the texts (calibration, perplexity), a saved plan file (against the model's config.json:
+    layer count and, unless ``force``, shape) and the target against the layer count in config.json.
+    Returns the saved plan, if one is given."""
     from layerfold.data.sources import load_text
+    from layerfold.data.tokens import check_calibration_source
+    from layerfold.plan import check_plan_file
 
-    for source in dict.fromkeys([*([calibration.source] if calibration is not None else []), *ppl]):
-        load_text(source)  # cached: planning and perplexity read the text from the cache
-    saved = plan.plan if isinstance(plan, PlanResult) else Plan.load(plan) if plan is not None else plan
-    if target is None and saved is None:
-        return saved
-    layers = _layers_in_config(model)
-    if layers is None:
-        return saved
+    if calibration is not None:
+        check_calibration_source(calibration)
+    for source in ppl:
+        load_text(source)  # cached: perplexity reads the text from the cache
+    named = not isinstance(model, LoadedModel | torch.nn.Module)
+    if isinstance(plan, PlanResult):
+        plan = plan.plan
+    elif plan is not None:  # a loaded model is checked against the plan when the plan is applied
+        plan = check_plan_file(plan, model, force) if named else Plan.load(plan)
     if target is not None and target.param_ratio is None:  # a share of the parameters needs the weights
-        target.layers_to_remove(None, layers, layer_params=0)
-    if saved is not None and saved.num_layers != layers:
-        raise LayerfoldError(f"plan is for {saved.num_layers} layers, the model has {layers}")
-    return saved
+        layers = _layers_in_config(model)
+        if layers is not None:
+            target.layers_to_remove(None, layers, layer_params=0)
+    return plan
 
 
 def _layers_in_config(model: LoadedModel | torch.nn.Module | str | None) -> int | None:
-    """The decoder layer count, read from config.json for a local folder or the embedded model
-    (None for a hub id, whose config :func:`load_model` fetches, and for an unusable config,
-    which :func:`load_model` reports in its own words)."""
+    """The decoder layer count, from the model's config.json when it is not loaded yet (None for
+    an unusable config, which :func:`load_model` then reports in its own words)."""
     from transformers import AutoConfig
 
     from layerfold.models.arch import architecture_for
@@ -73,8 +76,6 @@ def _layers_in_config(model: LoadedModel | torch.nn.Module | str | None) -> int 
     if isinstance(model, torch.nn.Module):
         return architecture_for(model.config).num_layers(model.config)
     _, path = resolve_source(model)
-    if not Path(path).is_dir():
-        return None
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError):
@@ -83,12 +84,13 @@ def _layers_in_config(model: LoadedModel | torch.nn.Module | str | None) -> int 
 
 
 def apply_plan(model: LoadedModel | torch.nn.Module, plan: Plan | PlanResult,
-               overrides: dict | None = None) -> torch.nn.Module:
-    """Prune the model in place following the plan."""
+               overrides: dict | None = None, force: bool = False) -> torch.nn.Module:
+    """Prune the model in place following the plan; a plan made for another model is refused
+    unless ``force``."""
     if isinstance(plan, PlanResult):
         plan, overrides = plan.plan, plan.overrides
     module = model.model if isinstance(model, LoadedModel) else model
-    return _apply_plan(module, plan, overrides)
+    return _apply_plan(module, plan, overrides, force=force)
 
 
 def prune(model: LoadedModel | str | None = None, out: str | Path | None = None, method: str = "slm",
@@ -96,7 +98,8 @@ def prune(model: LoadedModel | str | None = None, out: str | Path | None = None,
           options: dict | None = None, plan: str | Path | PlanResult | None = None, overwrite: bool = False,
           ppl: tuple[str, ...] = (), ppl_windows: int | None = 40, progress: bool = True,
           command: str | None = None, width=None, max_gpu_memory: str | int | None = None,
-          compute_device: str | torch.device | None = None, max_shard_size: str | int = SHARD_SIZE) -> PruneReport:
+          compute_device: str | torch.device | None = None, max_shard_size: str | int = SHARD_SIZE,
+          force: bool = False) -> PruneReport:
     """Plan (or read a saved plan), apply it, and save the pruned model with its plan and card.
 
     ``max_gpu_memory`` streams the model's layers through the GPU for planning and perplexity
@@ -105,17 +108,20 @@ def prune(model: LoadedModel | str | None = None, out: str | Path | None = None,
 
     ``width`` (a :class:`layerfold.width.WidthRequest`) adds width pruning after the depth step,
     or shares ``target.param_ratio`` between depth and width; see
-    :func:`layerfold.width.prune_with_width`."""
+    :func:`layerfold.width.prune_with_width`.
+
+    A saved ``plan`` made for another model (its recorded fingerprint differs) is refused unless
+    ``force``."""
+    check_width_request(width, max_gpu_memory, force)
     if not isinstance(model, LoadedModel | torch.nn.Module):
         preflight(model, target=None if plan is not None else target, plan=plan,
-                  calibration=calibration if plan is None or width is not None else None, ppl=ppl)
-    loaded = as_loaded(model)
+                  calibration=calibration if plan is None or width is not None else None, ppl=ppl, force=force)
     if max_gpu_memory is not None:  # a bad size or a missing GPU fails before any work
         from layerfold.streaming import parse_memory, resolve_compute_device
 
-        check_width_with_cap(width, max_gpu_memory)
         parse_memory(max_gpu_memory)
         compute_device = resolve_compute_device(compute_device)
+    loaded = as_loaded(model)
     if width is not None:
         from layerfold.width import prune_with_width
 
@@ -134,7 +140,7 @@ def prune(model: LoadedModel | str | None = None, out: str | Path | None = None,
         result = plan
     else:
         result = load_plan(plan)
-    apply_plan(loaded, result)
+    apply_plan(loaded, result, force=force)
     after = perplexities(loaded, ppl, ppl_windows, progress, max_gpu_memory, compute_device)
     report = PruneReport(plan=result.plan, out=None, layers_before=layers_before,
                          layers_after=len(loaded.arch.layer_list(loaded.model)), params_before=params_before,
@@ -149,11 +155,15 @@ def prune(model: LoadedModel | str | None = None, out: str | Path | None = None,
     return report
 
 
-def check_width_with_cap(width, max_gpu_memory) -> None:
-    """Width pruning does not stream yet: refuse the two together, before any work."""
+def check_width_request(width, max_gpu_memory, force: bool = False) -> None:
+    """Width pruning does not stream yet, nor apply a plan made for another model: refuse those
+    together, before any work."""
     if width is not None and max_gpu_memory is not None:
         raise LayerfoldError("--width cannot be combined with --max-gpu-memory yet: prune the depth with the cap, "
                              "then shrink the result")
+    if width is not None and force:
+        raise LayerfoldError("--force cannot be combined with width pruning yet: prune the depth with --plan "
+                             "--force, then shrink the result")
 
 
 def evaluate(model: LoadedModel | str | None = None, ppl: tuple[str, ...] | None = None, seq_len: int = 128,

@@ -17,6 +17,7 @@ from layerfold.cli.options import (
     split_list,
     with_groups,
 )
+from layerfold.errors import LayerfoldError
 from layerfold.output import check_out
 
 
@@ -31,6 +32,8 @@ def prune(
     *,
     planning: Planning,
     plan: Annotated[Path | None, typer.Option(help="Apply a saved plan.json instead of planning.")] = None,
+    force: Annotated[bool, typer.Option(
+        help="Apply a --plan made for another model (its recorded fingerprint differs) all the same.")] = False,
     width: Annotated[float | None, typer.Option(
         help="Then width-prune: share of every remaining decoder layer's attention and MLP projection "
              "parameters to remove (as `layerfold shrink --width`).")] = None,
@@ -65,15 +68,18 @@ def prune(
                                        heads=heads, multiple_of=multiple_of, held_out=held_out)
     if plan is not None:  # calibration still serves width pruning after the saved depth plan
         refuse_beside_plan(planning, *(() if widths is not None else (calibration,)))
+    elif force:
+        raise LayerfoldError("--force applies a --plan made for another model: it needs --plan")
     method, target, options = planning.resolve()
     calib = calibration.config()
     if widths is not None:
         widths.check_depth(target, plan, options)
     check_out(out, overwrite)
     load_kw, stream_kw = placement.resolve()
-    api.check_width_with_cap(widths, placement.max_gpu_memory)
+    api.check_width_request(widths, placement.max_gpu_memory, force)
     saved = api.preflight(model, target=None if plan is not None else target, plan=plan,
-                          calibration=calib if plan is None or widths is not None else None, ppl=split_list(ppl))
+                          calibration=calib if plan is None or widths is not None else None, ppl=split_list(ppl),
+                          force=force)
     loaded = api.load_model(model, **load_kw)
     if widths is not None:
         check_width_support(loaded)
@@ -83,7 +89,7 @@ def prune(
         check_out(out, overwrite)
     report = api.prune(loaded, out, method=method, target=target, calibration=calib, options=options,
                        plan=plan, overwrite=overwrite, ppl=split_list(ppl), ppl_windows=ppl_windows, width=widths,
-                       **stream_kw)
+                       force=force, **stream_kw)
     _print_report(report)
 
 

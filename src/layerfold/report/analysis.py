@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 from layerfold.calibrate import LayerCache
 from layerfold.data.tokens import CalibrationConfig
 from layerfold.errors import LayerfoldError
-from layerfold.methods.base import PlanContext, PlanResult, Target
+from layerfold.methods.base import PlanContext, Target
 from layerfold.models.load import LoadedModel, as_loaded
 from layerfold.output import check_out, write_folder
-from layerfold.plan import Plan, library_versions
+from layerfold.plan import Plan, PlanResult, library_versions
 from layerfold.similarity import SIMILARITIES, _subsample, _tokens, linear_kernel, rbf_kernel
 
 DEFAULT_MEASURES = ("cka-linear", "cka-rbf", "cosine", "angular")
