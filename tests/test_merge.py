@@ -80,14 +80,15 @@ def test_mean(name, norms, tiny_model):
 
 @pytest.mark.parametrize("name", MERGE_ARCHS)
 @pytest.mark.parametrize("norms", ["base", "merge"])
-def test_reference_is_top_weights_with_base_norms(name, norms, tiny_model):
-    """The authors' code leaves the top layer's linear weights and keeps the base's norms,
-    whatever the norm policy asks."""
+def test_reference_is_top_weights_with_base_norms_and_biases(name, norms, tiny_model):
+    """The authors' code writes only the projections' weights: the fused layer has the top layer's
+    weights and keeps the base's norms and biases, whatever the norm policy asks."""
     window = _window(tiny_model(name), 0, 3)
     params = _params(window)
     merged = merge_window(window, operator="reference", norms=norms)
     for pname, value in merged.items():
-        expected = params[0][pname] if _is_norm_name(pname) else params[-1][pname]
+        from_base = _is_norm_name(pname) or pname.endswith(".bias")
+        expected = params[0][pname] if from_base else params[-1][pname]
         assert torch.equal(value, expected), pname
 
 
@@ -134,8 +135,9 @@ def test_surgery_uses_the_plans_merge_and_per_operation_override(tiny_model):
     assert len(layers) == 3
     for pname, p in layers[0].named_parameters():
         torch.testing.assert_close(p.detach(), (window_a[0][pname] + window_a[1][pname]) / 2)
-    for pname, p in layers[2].named_parameters():
-        expected = window_b[0][pname] if _is_norm_name(pname) else window_b[-1][pname]
+    for pname, p in layers[2].named_parameters():  # reference: the top's weights, the base's norms and biases
+        from_base = _is_norm_name(pname) or pname.endswith(".bias")
+        expected = window_b[0][pname] if from_base else window_b[-1][pname]
         assert torch.equal(p.detach(), expected), pname
 
 

@@ -1,9 +1,9 @@
-"""The SLM engine: same decisions as the naive loop, exact target sizes, plan round trip."""
+"""The SLM engine: the decisions of the authors' loop and of the paper's, exact target sizes,
+options checked when they are built, plan round trip."""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -14,13 +14,11 @@ import transformers
 
 from layerfold import api
 from layerfold.errors import LayerfoldError
-from layerfold.methods.base import Target
+from layerfold.methods.base import Target, make_method
 from layerfold.models.load import wrap_model
 
-_spec = importlib.util.spec_from_file_location("naive_slm", Path(__file__).parents[1] / "benchmarks" / "naive_slm.py")
-naive = importlib.util.module_from_spec(_spec)
-sys.modules["naive_slm"] = naive
-_spec.loader.exec_module(naive)
+sys.path.insert(0, str(Path(__file__).parent))
+from authors_loop import sliding_loop  # noqa: E402
 
 
 def tiny_llama(layers: int = 8, seed: int = 0):
@@ -42,31 +40,78 @@ def tokens(n: int = 4, t: int = 16, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 128, (n, t), generator=torch.Generator().manual_seed(seed))
 
 
-def engine_windows(model, toks, threshold, merge="diff"):
-    result = api.make_plan(wrap_model(model), "slm",
-                           options={"threshold": threshold, "merge": merge, "selection": "sliding"},
-                           tokens=toks, progress=False)
-    return sorted(result.plan.windows()), result
+def threshold_plan(model, toks, method: str, threshold: float):
+    return api.make_plan(wrap_model(model), method, options={"threshold": threshold}, tokens=toks, progress=False)
 
 
-@pytest.mark.parametrize("merge", ["diff", "reference"])
-def test_engine_takes_the_naive_loops_decisions(merge):
-    model = tiny_llama()
-    toks = tokens()
-    sims = []
-    for threshold in (0.999, 0.99, 0.95, 0.8):
-        expected, _ = naive.naive_slm(model, toks, threshold, merge=merge)
-        got, result = engine_windows(model, toks, threshold, merge)
-        assert got == expected, f"threshold {threshold}"
-        sims.append(len(got))
-    assert len(set(sims)) > 1, "thresholds should make different plans, else the test shows nothing"
+# slm-reference on tiny_llama() (8 layers) and tokens(): threshold -> windows, layers left.  At 0.995
+# the last pair (6, 7) would pass (slm-paper fuses it); at 0.5 the window still grows at layer 0
+# when the loop ends, so it is dropped and nothing is fused.
+AUTHORS_DECISIONS = {0.995: ([(5, 6)], 7), 0.95: ([(3, 6)], 5), 0.8: ([(1, 6)], 3), 0.5: ([], 8)}
+PAPER_DECISIONS = {0.995: ([(6, 7)], 7), 0.95: ([(3, 4), (5, 7)], 5), 0.5: ([(0, 1), (2, 7)], 2)}
+
+
+@pytest.mark.parametrize("threshold", sorted(AUTHORS_DECISIONS))
+def test_slm_reference_decides_as_the_authors_loop(threshold):
+    model, toks = tiny_llama(), tokens()
+    windows, layers = AUTHORS_DECISIONS[threshold]
+    loop = sliding_loop(model, toks, threshold, "reference", authors=True)
+    assert (loop.windows, loop.layers) == (windows, layers)
+    result = threshold_plan(model, toks, "slm-reference", threshold)
+    assert (sorted(result.plan.windows()), result.plan.num_layers_after) == (windows, layers)
+    # the engine scores the same candidates; the authors' loop scores the fused model once more after each window
+    assert result.plan.scores["candidates_evaluated"] == loop.candidates
+
+
+@pytest.mark.parametrize("threshold", sorted(PAPER_DECISIONS))
+def test_slm_paper_decides_as_the_papers_loop(threshold):
+    model, toks = tiny_llama(), tokens()
+    windows, layers = PAPER_DECISIONS[threshold]
+    loop = sliding_loop(model, toks, threshold, "diff", authors=False)
+    assert (loop.windows, loop.layers, loop.rechecks) == (windows, layers, 0)
+    result = threshold_plan(model, toks, "slm-paper", threshold)
+    assert (sorted(result.plan.windows()), result.plan.num_layers_after) == (windows, layers)
+    assert result.plan.scores["candidates_evaluated"] == loop.candidates
+
+
+def test_each_detail_of_the_authors_loop_changes_its_own_decision():
+    """Start, comparison and the last window, one at a time, on the engine."""
+    from layerfold.calibrate import capture
+    from layerfold.methods.slm import AUTHORS_LOOP, PAPER_LOOP, SlidingLoop, SlmEngine
+    from layerfold.models.arch import architecture_for
+
+    model, toks = tiny_llama(), tokens()
+    engine = SlmEngine(capture(model, architecture_for(model.config), toks, progress=False), "output-cosine",
+                       "reference", "base")
+    # the start: with the last layer open to merging, 0.995 fuses the last pair
+    assert engine.run(0.995, loop=PAPER_LOOP).windows == [(6, 7)]
+    assert engine.run(0.995, loop=SlidingLoop(keep_top=1)).windows == [(5, 6)]
+    # the comparison: a threshold equal to the first candidate's similarity passes it only with >=
+    first = engine.similarity((), 5, 6)
+    assert (5, 6) in engine.run(first, loop=SlidingLoop(keep_top=1)).windows
+    strict = engine.run(first, loop=SlidingLoop(keep_top=1, strict=True))
+    assert strict.rejected[(5, 6)] == first and (5, 6) not in strict.windows
+    # the last window: still growing at layer 0, fused or dropped
+    assert engine.run(0.5, loop=SlidingLoop(keep_top=1)).windows == [(0, 6)]
+    assert engine.run(0.5, loop=AUTHORS_LOOP).windows == []
+
+
+@pytest.mark.parametrize("method", ["slm-paper", "slm-reference"])
+def test_target_search_meets_every_size_the_loop_can_reach(method):
+    model, toks = tiny_llama(), tokens()
+    for keep in (7, 5, 2):
+        result = api.make_plan(wrap_model(model), method, Target(layers=keep), tokens=toks, progress=False)
+        assert result.plan.num_layers_after == keep and result.plan.threshold is not None
+    if method == "slm-reference":  # the last layer is never merged: one layer cannot be left
+        with pytest.raises(LayerfoldError, match="top 1 never merged"):
+            api.make_plan(wrap_model(model), method, Target(layers=1), tokens=toks, progress=False)
 
 
 @pytest.mark.parametrize("keep", [7, 5, 3, 1])
 @pytest.mark.parametrize("selection", ["sliding", "greedy", "optimal"])
 def test_target_search_hits_every_reachable_size(keep, selection):
     model = tiny_llama()
-    options = {"selection": selection, "max_window": 8}
+    options = {"selection": selection}
     result = api.make_plan(wrap_model(model), "slm", Target(layers=keep), options=options,
                            tokens=tokens(), progress=False)
     assert result.plan.num_layers_after == keep
@@ -107,55 +152,34 @@ def test_threshold_and_target_conflict_and_range():
                       tokens=tokens(), progress=False)
 
 
-def test_fitted_plan_saves_and_applies_again(tmp_path):
-    model = tiny_llama()
-    toks = tokens()
-    result = api.make_plan(wrap_model(model), "slm", Target(layers=5),
-                           options={"fit": "ridge", "merge": "base", "selection": "greedy"},
-                           tokens=toks, progress=False)
-    assert result.overrides, "a fitted plan carries its fused-layer weights"
-    api.save_plan(result, tmp_path / "plan.json")
-    again = api.load_plan(tmp_path / "plan.json")
-    assert again.plan.to_dict() == result.plan.to_dict()
-    a = api.apply_plan(copy.deepcopy(model), result)
-    b = api.apply_plan(copy.deepcopy(model), again)
-    x = tokens(2, 12, seed=5)
-    with torch.no_grad():
-        assert torch.equal(a(x).logits, b(x).logits)
+def test_unset_selection_follows_one_rule():
+    """Unset, the selection is sliding with a threshold, greedy with another fused layer than the
+    base layer as it is, else the portfolio; an explicit selection is kept."""
+    assert make_method("slm", {"threshold": 0.9}).chosen_selection == "sliding"
+    assert make_method("slm", {}).chosen_selection == "portfolio"
+    assert make_method("slm", {"merge": "diff"}).chosen_selection == "greedy"
+    assert make_method("slm", {"norms": "merge"}).chosen_selection == "greedy"
+    assert make_method("slm", {"merge": "diff", "selection": "optimal"}).chosen_selection == "optimal"
+    assert make_method("slm-paper", {}).merge == "diff" and make_method("slm-paper", {}).chosen_selection == "sliding"
+    assert make_method("slm-reference", {}).merge == "reference"
 
 
-def test_fit_reduces_the_windows_error():
-    """The ridge correction makes the fused layer reproduce its window better on calibration data."""
-    from layerfold.calibrate import capture
-    from layerfold.correction import fit_output_projection
-    from layerfold.merge import build_fused_layer
-    from layerfold.models.arch import architecture_for
-
-    model = tiny_llama()
-    arch = architecture_for(model.config)
-    cache = capture(model, arch, tokens(8, 16), batch_size=4, progress=False)
-    lo, hi = 2, 4
-    fused = build_fused_layer([cache.layers[i] for i in range(lo, hi + 1)], operator="base")
-
-    def error(layer):
-        out = cache.final(cache.run(lo, [(layer, lo)]))
-        return float((out - cache.output(hi)).pow(2).mean())
-
-    before = error(fused)
-    fit_output_projection(fused, arch, cache.inputs[lo], cache.inputs[hi + 1], cache.extras[lo], ridge=1e-3)
-    assert error(fused) < 0.9 * before
-
-
-def test_a_threshold_alone_means_the_papers_sliding_loop():
-    from layerfold.methods.base import make_method
-
-    assert make_method("slm", {"threshold": 0.9}).selection == "sliding"
-    assert make_method("slm", {}).selection == "portfolio"
-    # another fused layer than the base layer: the default falls back to the greedy fold
-    assert make_method("slm", {"fit": "ridge"}).selection == "greedy"
-    assert make_method("slm", {"merge": "diff"}).selection == "greedy"
-    assert make_method("slm", {"merge": "diff", "selection": "optimal"}).selection == "optimal"
-    assert make_method("slm-paper", {}).merge == "diff"
+@pytest.mark.parametrize("options, message", [
+    ({"selection": "greedy", "threshold": 0.9}, "selection=greedy aims at a size"),
+    ({"threshold": 0.9, "criterion": "loss"}, "no threshold scale"),
+    ({"selection": "portfolio", "merge": "diff"}, "needs merge=base and norms=base"),
+    ({"selection": "influence", "norms": "merge"}, "needs merge=base and norms=base"),
+    ({"criterion": "cka-linear"}, "selection=portfolio scores the whole model's output"),
+    ({"selection": "greedy", "criterion": "angular"}, "selection=greedy scores the whole model's output"),
+    ({"merge": "dif"}, "unknown merge operator 'dif'. Did you mean 'diff'"),
+    ({"rescale": "kl"}, "option 'rescale'"),
+    ({"fit": "ridge"}, "unknown slm option 'fit'"),
+    ({"threshold": 1.5}, "less than or equal to 1"),
+])
+def test_conflicting_options_are_refused_when_built(options, message):
+    """make_method (which the CLI calls before loading the model) refuses them, in one line."""
+    with pytest.raises(LayerfoldError, match=message):
+        make_method("slm", options)
 
 
 def test_optimal_selection_folds_the_window_whose_layers_do_nothing():
@@ -188,47 +212,14 @@ def _engine(model, toks):
     return SlmEngine(cache, "output-cosine", "base", "base")
 
 
-@pytest.mark.parametrize("radius", [0, 2])
-def test_refine_swaps_only_improve_and_incremental_scores_match_a_full_run(radius):
-    from layerfold.methods.slm import removed_layers
-
-    model, toks = tiny_llama(layers=10, seed=2), tokens()
-    engine = _engine(model, toks)
-    start = {7, 8, 9}  # the top layers: a poor plan, so swaps are found
-    removed, history = engine.refine(start, passes=4, radius=radius, progress=False)
-    assert len(removed) == 3 and 0 not in removed
-    assert history, "a plan that drops the last layers should be improved"
-    scores = [engine.score_removal(start)] + [s for _, _, s in history]
-    assert all(b > a for a, b in zip(scores, scores[1:], strict=False))
-    if radius:
-        assert all(abs(r - k) <= radius for r, k, _ in history)
-    fresh = _engine(model, toks)  # no memo: scored from scratch on the original activations
-    assert fresh.score_removal(removed) == pytest.approx(history[-1][2], abs=1e-6)
-    # the plan's model really is the one scored: apply it and compare final hidden states
-    result = api.make_plan(wrap_model(model), "slm", Target(layers=7),
-                           options={"selection": "greedy", "refine": 4, "refine_radius": radius},
-                           tokens=toks, progress=False)
-    greedy = api.make_plan(wrap_model(model), "slm", Target(layers=7), tokens=toks, progress=False)
-    assert result.plan.num_layers_after == 7
-    got = removed_layers(result.plan.windows())
-    assert fresh.score_removal(got) >= fresh.score_removal(removed_layers(greedy.plan.windows())) - 1e-9
-
-
-@pytest.mark.parametrize("pick", ["kl", "criterion"])
-def test_portfolio_keeps_the_best_scoring_candidate(pick):
+def test_portfolio_keeps_the_best_scoring_candidate():
     model, toks = tiny_llama(layers=10, seed=4), tokens()
-    result = api.make_plan(wrap_model(model), "slm", Target(layers=7), options={"selection": "portfolio", "pick": pick},
+    result = api.make_plan(wrap_model(model), "slm", Target(layers=7), options={"selection": "portfolio"},
                            tokens=toks, progress=False)
     scores = result.plan.scores["portfolio"]
     assert set(scores) <= {"greedy", "optimal", "block-influence", "angular-block"} and len(scores) >= 3
     chosen = result.plan.scores["portfolio_pick"]
-    if pick == "kl":
-        kl = result.plan.scores["portfolio_kl"]
-        assert set(kl) == set(scores) and min(kl.values()) >= 0
-        assert kl[chosen] == min(kl.values())
-    else:
-        assert "portfolio_kl" not in result.plan.scores
-        assert scores[chosen] == max(scores.values())
+    assert scores[chosen] == max(scores.values())
     assert result.plan.num_layers_after == 7
 
 
@@ -252,48 +243,11 @@ def test_influence_selection_folds_shortgpts_layers_with_the_channel_correction(
                       progress=False)
 
 
-def test_portfolio_picks_by_the_criterion_by_default():
-    from layerfold.methods.base import make_method
-
-    assert make_method("slm", {}).pick == "criterion"
-    with pytest.raises(Exception, match="pick"):
-        make_method("slm", {"pick": "cosine"})
-
-
-def test_output_kl_matches_the_models_own_logits():
-    """The engine's KL of a removal equals KL(original || pruned) computed from the two models'
-    logits on the calibration tokens; no removal gives 0."""
-    from layerfold.calibrate import capture
-    from layerfold.methods.slm import SlmEngine
-    from layerfold.models.arch import architecture_for
-
-    model, toks = tiny_llama(layers=8, seed=5), tokens(n=3, t=12)
-    cache = capture(model, architecture_for(model.config), toks, batch_size=2, progress=False)
-    engine = SlmEngine(cache, "output-cosine", "base", "base")
-    assert engine.kl_removal(set()) == pytest.approx(0.0, abs=1e-9)
-    removed = {3, 4, 6}
-    pruned = copy.deepcopy(model)
-    pruned.model.layers = torch.nn.ModuleList(l for i, l in enumerate(pruned.model.layers) if i not in removed)
-    pruned.config.num_hidden_layers = len(pruned.model.layers)
-    for i, layer in enumerate(pruned.model.layers):
-        layer.self_attn.layer_idx = i
-    with torch.no_grad():
-        p = torch.log_softmax(model(toks).logits.float(), -1)
-        q = torch.log_softmax(pruned(toks).logits.float(), -1)
-    expected = float((p.exp() * (p - q)).sum(-1).mean())
-    assert expected > 1e-4
-    assert engine.kl_removal(removed) == pytest.approx(expected, rel=1e-4)
-
-
-@pytest.mark.parametrize("options", [{"refine": 2, "merge": "diff"}, {"selection": "portfolio", "fit": "ridge"},
-                                     {"selection": "portfolio", "criterion": "cka-linear"},
+@pytest.mark.parametrize("options", [{"selection": "portfolio", "criterion": "cka-linear"},
                                      {"selection": "influence", "merge": "mean"}])
-def test_refine_and_portfolio_need_plans_of_removed_layers(options):
+def test_portfolio_and_influence_need_plans_of_removed_layers(options):
     with pytest.raises(LayerfoldError, match="merge=base|output-cosine"):
         api.make_plan(wrap_model(tiny_llama()), "slm", Target(layers=5), options=options, tokens=tokens(),
-                      progress=False)
-    with pytest.raises(LayerfoldError, match="aims at a size"):
-        api.make_plan(wrap_model(tiny_llama()), "slm", options={"refine": 1, "threshold": 0.9}, tokens=tokens(),
                       progress=False)
 
 
@@ -322,30 +276,6 @@ def rebuilt_kl(model, plan, toks) -> float:
         p = torch.log_softmax(model(toks).logits.float(), -1)
         q = torch.log_softmax(pruned(toks).logits.float(), -1)
     return float((p.exp() * (p - q)).sum(-1).mean())
-
-
-def test_rescale_lowers_the_calibration_kl_and_the_saved_plan_rebuilds_it():
-    """rescale=kl picks a factor per window that never raises the KL; the plan carries the factors,
-    and the model surgery builds from it has exactly the KL the engine reported."""
-    from layerfold.methods.slm import RESCALE_GRID
-
-    model, toks = tiny_llama(layers=10, seed=4), tokens()
-    plain = api.make_plan(wrap_model(copy.deepcopy(model)), "slm", Target(layers=6), tokens=toks, progress=False)
-    result = api.make_plan(wrap_model(copy.deepcopy(model)), "slm", Target(layers=6), options={"rescale": "kl"},
-                           tokens=toks, progress=False)
-    assert result.plan.windows() == plain.plan.windows()  # the windows are chosen first, then rescaled
-    info = result.plan.scores["rescale"]
-    assert info["objective"] == "kl" and info["after"] <= info["before"]
-    assert set(info["factors"].values()) <= set(RESCALE_GRID)
-    scaled = {op.lo: op.detail["branch_scale"] for op in result.plan.operations if "branch_scale" in op.detail}
-    assert scaled, "some window should take a factor other than 1 on this model"
-    assert all(v != 1.0 for v in scaled.values())
-    assert info["after"] < info["before"]
-    assert rebuilt_kl(model, result.plan, toks) == pytest.approx(info["after"], rel=1e-4)
-    by_cosine = api.make_plan(wrap_model(copy.deepcopy(model)), "slm", Target(layers=6),
-                              options={"rescale": "criterion"}, tokens=toks, progress=False).plan.scores["rescale"]
-    assert by_cosine["objective"] == "-output-cosine"
-    assert -1 <= -by_cosine["after"] <= 1 and by_cosine["after"] <= by_cosine["before"]
 
 
 def test_channel_factors_are_the_least_squares_fit_and_the_saved_plan_rebuilds_them():
@@ -394,13 +324,19 @@ def test_channel_factors_are_the_least_squares_fit_and_the_saved_plan_rebuilds_t
     info = result.plan.scores["channels"]
     assert info["ridge"] == 3.0 and info["kl_after"] != info["kl_before"]
     assert rebuilt_kl(model, result.plan, toks) == pytest.approx(info["kl_after"], rel=1e-4)
-    both = api.make_plan(wrap_model(copy.deepcopy(model)), "slm", Target(layers=6),
-                         options={"rescale": "channels+kl"}, tokens=toks, progress=False).plan
-    assert both.scores["rescale"]["before"] == pytest.approx(info["kl_after"], rel=1e-5)
-    assert both.scores["rescale"]["after"] <= both.scores["rescale"]["before"]
 
 
-def test_rescale_refuses_a_fitted_layer():
-    with pytest.raises(LayerfoldError, match="rescale"):
-        api.make_plan(wrap_model(tiny_llama()), "slm", Target(layers=5),
-                      options={"selection": "greedy", "fit": "ridge", "rescale": "kl"}, tokens=tokens(), progress=False)
+def test_angular_selection_folds_angulars_block_with_the_channel_correction():
+    from layerfold.calibrate import capture
+    from layerfold.methods.angular import block_distances
+    from layerfold.methods.slm import removed_layers
+    from layerfold.models.arch import architecture_for
+
+    model, toks = tiny_llama(layers=8, seed=1), tokens()
+    result = api.make_plan(wrap_model(model), "slm", Target(layers=6), options={"selection": "angular"}, tokens=toks,
+                           progress=False)
+    distance = block_distances(capture(model, architecture_for(model.config), toks, progress=False), 2)
+    start = min((lo for lo in distance if lo > 0), key=lambda lo: distance[lo])  # Angular's block, layer 0 kept
+    assert removed_layers(result.plan.windows()) == {start, start + 1}
+    assert len(result.plan.windows()) == 1 and result.plan.num_layers_after == 6
+    assert all("channel_scale" in op.detail for op in result.plan.operations)

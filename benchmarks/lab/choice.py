@@ -2,12 +2,13 @@
 
 Zero-shot multiple-choice tasks score each answer by its summed log-likelihood after the
 question and take the highest; token measures (perplexity, KL to the original) do not order
-pruned models as those tasks do at small scale (benchmarks/results/quality.md).  This probe
+pruned models as those tasks do at small scale (docs/measured-options.md).  This probe
 has the tasks' shape but needs no task data: each item is a ``context`` of a text, its true
 ``continuation`` (choice 0) and the spans at the same place ``offsets`` tokens further on (the
 distractors, the same kind of text); a model wins an item when the true continuation scores
-highest.  ``slm --set pick=choice`` compares its candidate plans by it on the calibration
-source, never on evaluation text; ``benchmarks/mc_predictors.py`` scores it on PTB-valid.
+highest.  Method ``slm-lab`` with ``pick=choice`` compares its candidate plans by it on the
+calibration source, never on evaluation text; ``benchmarks/studies/mc_predictors`` scores it on
+PTB-valid.
 
 The models are run as the planners run them: the items' hidden states are captured once at
 the first layer any plan removes, then each plan's kept layers run from there with each

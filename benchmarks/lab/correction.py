@@ -1,4 +1,5 @@
-"""Closed-form correction of a fused layer, fitted on calibration activations.
+"""Closed-form correction of a fused layer, fitted on calibration activations (``slm-lab``'s
+``fit=ridge``, measured and not adopted: docs/measured-options.md).
 
 A fused layer F should map the window's input x to the window's output y.  In most decoder
 blocks the output is ``rest(x) + a(x) W^T (+ b)``, where ``W`` is the MLP's output projection

@@ -3,7 +3,8 @@
 ``layers[0]`` is the window's base (its lowest layer, whose position the fused layer takes);
 ``layers[-1]`` is its top.  Every parameter of the layer takes part, biases included.
 Normalisation parameters follow ``norms``: ``"base"`` keeps the base layer's, ``"merge"``
-applies the operator to them too.
+applies the operator to them too.  ``reference`` is the exception: it keeps the base layer's
+norms and biases whatever ``norms`` says, as the authors' code does.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ def merge_mean(values: list[torch.Tensor], scale: float = 1.0) -> torch.Tensor:
 
 @MERGES.register("reference")
 def merge_reference(values: list[torch.Tensor], scale: float = 1.0) -> torch.Tensor:
-    """The authors' released code: its in-place loop leaves the top layer's weights
-    (norms are the base's, see :func:`merge_window`)."""
+    """The authors' released code: its in-place loop over the window, base <- base + (layer - base),
+    leaves the top layer's weights in the base layer.  It writes only the projections' weights:
+    norms and biases stay the base's (see :func:`merge_window`)."""
     return values[-1].detach().to(torch.float32).clone()
 
 
@@ -59,17 +61,24 @@ def merge_window(layers: Sequence[nn.Module], operator: str = "diff", norms: str
     """State dict (relative to one layer) of the fused layer."""
     fn = MERGES.get(operator)
     states, names = _window_states(layers, norms)
-    norm_names = norm_parameter_names(layers[0])
-    keep_base_norms = norms == "base" or operator == "reference"
+    from_base = _taken_from_base(layers[0], operator, norms)
     merged: dict[str, torch.Tensor] = {}
     for name in names:
         values = [st[name] for st in states]
-        if name in norm_names and keep_base_norms:
+        if name in from_base:
             out = values[0].detach().to(torch.float32).clone()
         else:
             out = fn(values, scale=scale)
         merged[name] = out.to(values[0].dtype)
     return merged
+
+
+def _taken_from_base(layer: nn.Module, operator: str, norms: str) -> set[str]:
+    """Names of the parameters the fused layer takes unmerged from the base layer."""
+    names = norm_parameter_names(layer) if norms == "base" or operator == "reference" else set()
+    if operator == "reference":  # the authors' loop writes only the projections' weights
+        names |= {name for name, _ in layer.named_parameters() if name.rsplit(".", 1)[-1] == "bias"}
+    return names
 
 
 def _window_states(layers: Sequence[nn.Module], norms: str) -> tuple[list[dict[str, torch.Tensor]], list[str]]:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 
 from layerfold.calibrate import LayerCache, capture
 from layerfold.data.tokens import CalibrationConfig, sample_windows, tokens_hash
-from layerfold.errors import LayerfoldError
+from layerfold.errors import LayerfoldError, did_you_mean
 from layerfold.models.arch import layer_parameter_count, parameter_count
 from layerfold.models.load import LoadedModel
 from layerfold.plan import Plan, PlanResult, library_versions
@@ -153,4 +153,6 @@ def make_method(name: str, options: dict | None = None) -> Method:
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden":
+            raise did_you_mean(loc, sorted(cls.model_fields), f"{name} option") from exc
         raise LayerfoldError(f"method '{name}': option '{loc}': {first['msg']}") from exc

@@ -2,7 +2,9 @@
 
 Layer inputs are captured once (:mod:`layerfold.calibrate`); a candidate window is scored by
 building one fused layer and running only the layers from the window upwards; candidate scores
-are memoised, so a target-size search over thresholds re-runs almost nothing.
+are memoised, so a target-size search over thresholds re-runs almost nothing.  The sliding loop
+takes exactly the decisions of a naive loop that deep-copies the model and runs it whole for
+every candidate (tests/authors_loop.py), under either rule of :class:`SlidingLoop`.
 """
 
 from __future__ import annotations
@@ -16,17 +18,39 @@ import torch
 from tqdm.auto import tqdm
 
 from layerfold.calibrate import LayerCache
-from layerfold.correction import fit_output_projection
 from layerfold.errors import LayerfoldError
 from layerfold.merge import build_fused_layer, scale_branches
 from layerfold.methods._common import calibration_loss, output_kl
 from layerfold.similarity import sample_cosine, similarity_matrix
 
 CRITERIA = ("output-cosine", "cka-linear", "cka-rbf", "angular", "loss")
-RESCALE_GRID = (0.6, 0.8, 0.9, 1.0, 1.1, 1.2, 1.4, 1.6, 2.0)  # factors tried for each window's kept layer
-CHANNEL_RIDGE = 3.0  # pull of the per-channel factors towards 1 (chosen on PTB-valid: benchmarks/channel_fit.py)
+CHANNEL_RIDGE = 3.0  # pull of the per-channel factors towards 1 (chosen on PTB-valid: benchmarks/studies/channel_fit)
 Window = tuple[int, int]
-Rescale = Literal["none", "kl", "criterion", "channels", "channels+kl"]
+Rescale = Literal["channels", "none"]
+
+
+@dataclass(frozen=True)
+class SlidingLoop:
+    """The details of the sliding loop on which the paper's text and the authors' code differ.
+
+    ``keep_top``: how many of the top layers no window may contain; the loop's first candidate is
+    the pair just below them (0: the last pair, so the last layer may be merged; the authors' code
+    keeps 1).  ``strict``: a candidate passes when its similarity is greater than the threshold
+    (the authors' code) rather than greater or equal.  ``keep_pending``: when the loop reaches
+    layer 0 with a window still growing, that window is fused (False: it is dropped, as the
+    authors' code does).  A target size stops the loop as soon as the size is reached, and the
+    window that reached it is always fused."""
+
+    keep_top: int = 0
+    strict: bool = False
+    keep_pending: bool = True
+
+    def passes(self, similarity: float, threshold: float) -> bool:
+        return similarity > threshold if self.strict else similarity >= threshold
+
+
+PAPER_LOOP = SlidingLoop()
+AUTHORS_LOOP = SlidingLoop(keep_top=1, strict=True, keep_pending=False)
 
 
 def removed_layers(windows: list[Window]) -> set[int]:
@@ -66,16 +90,14 @@ class SlmRun:
 class SlmEngine:
     """Scores candidate windows; memoises by (committed windows, candidate)."""
 
-    def __init__(self, cache: LayerCache, criterion: str, merge: str, norms: str, scale: float = 1.0,
-                 fit: str = "none", ridge: float = 1e-2) -> None:
+    def __init__(self, cache: LayerCache, criterion: str, merge: str, norms: str) -> None:
         if criterion not in CRITERIA:
             from layerfold.errors import did_you_mean
 
             raise did_you_mean(criterion, CRITERIA, "criterion")
         self.cache = cache
         self.criterion = criterion
-        self.merge, self.norms, self.scale = merge, norms, scale
-        self.fit, self.ridge = fit, ridge
+        self.merge, self.norms = merge, norms
         self.memo: dict[tuple, float] = {}
         self._fused: dict[Window, torch.nn.Module] = {}
         self._reference: torch.Tensor | None = None
@@ -108,14 +130,14 @@ class SlmEngine:
     def build(self, window: Window) -> torch.nn.Module:
         lo, hi = window
         layers = self.cache.layers
-        if self.merge == "base" and self.fit == "none":
+        if self.merge == "base":
             return layers[lo]  # the base layer itself: its weights are the fused layer's, no copy needed
-        fused = build_fused_layer([layers[i] for i in range(lo, hi + 1)], operator=self.merge, norms=self.norms,
-                                  scale=self.scale)
-        if self.fit == "ridge":
-            fit_output_projection(fused, self.cache.arch, self.cache.inputs[lo], self.cache.inputs[hi + 1],
-                                  self.cache.extras[lo], ridge=self.ridge)
-        return fused
+        return build_fused_layer([layers[i] for i in range(lo, hi + 1)], operator=self.merge, norms=self.norms)
+
+    def output_is_cached(self) -> bool:
+        """Whether a fused layer's output on the original activations is the cached output of
+        the window's base layer (the fused layer is that layer, norms included)."""
+        return self.merge == "base" and self.norms == "base"
 
     def reference_output(self) -> torch.Tensor:
         if self._reference is None:
@@ -163,18 +185,20 @@ class SlmEngine:
             self._matrix = similarity_matrix(outputs, kind)
         return self._matrix
 
-    def run(self, threshold: float, budget: int | None = None) -> SlmRun:
-        """The sliding loop at one threshold; with ``budget``, stop once that many layers are gone."""
+    def run(self, threshold: float, budget: int | None = None, loop: SlidingLoop = PAPER_LOOP) -> SlmRun:
+        """The sliding loop at one threshold: from the top down, a window grows downwards while the
+        candidate (the window fused, the windows above it already fused) passes the threshold; at
+        the first that fails, the window is fused and the next starts just below it.  With
+        ``budget``, stop once that many layers are gone.  ``loop`` settles the details on which
+        the paper and the authors' code differ."""
         windows: list[Window] = []
         scores: dict[Window, float] = {}
         rejected: dict[Window, float] = {}
         last_ok: float | None = None
-        high = self.num_layers - 1
+        high = self.num_layers - 1 - loop.keep_top
         low = high - 1
+        reached = False  # the budget was reached
         self.retain(())  # another threshold commits other windows
-
-        def removed() -> int:
-            return sum(h - lo_ for lo_, h in windows)
 
         def commit(lo_: int, hi_: int) -> None:
             if hi_ > lo_:
@@ -182,10 +206,8 @@ class SlmEngine:
                 scores[(lo_, hi_)] = last_ok if last_ok is not None else float("nan")
 
         while low >= 0:
-            if budget is not None and removed() + (high - low) > budget:
-                break
             sim = self.similarity(tuple(windows), low, high)
-            if sim >= threshold:
+            if loop.passes(sim, threshold):
                 last_ok = sim
                 low -= 1
             else:
@@ -194,9 +216,12 @@ class SlmEngine:
                 last_ok = None
                 high = low
                 low = high - 1
-            if budget is not None and removed() >= budget:
+            pending = high - low - 1  # layers the growing window [low + 1, high] removes
+            if budget is not None and sum(h - lo_ for lo_, h in windows) + pending >= budget:
+                reached = True
                 break
-        commit(low + 1, high)
+        if reached or loop.keep_pending:
+            commit(low + 1, high)
         return SlmRun(windows=windows, scores=scores, rejected=rejected)
 
     def module_of(self, segment: Window) -> torch.nn.Module:
@@ -211,26 +236,11 @@ class SlmEngine:
 
     # --- plans of removed layers (merge=base: a window keeps its base layer, the rest go) ---
 
-    def score_removal(self, removed: set[int] | frozenset[int], start: int | None = None,
-                      hidden: list[torch.Tensor] | None = None) -> float:
-        """The criterion (higher is better) for the model without the layers in ``removed``.
-
-        By default the run starts at the first removed layer from the original activations; a
-        caller that has the hidden states entering position ``start`` of that model (the layers
-        below it being the same) passes them as ``hidden``."""
+    def score_removal(self, removed: set[int] | frozenset[int]) -> float:
+        """The criterion (higher is better) for the model without the layers in ``removed``."""
         key = ("removal", frozenset(removed))
         if key not in self.memo:
-            outs = self._run_without(removed, start, hidden, final_norm=self.criterion == "output-cosine")
-            self.memo[key] = self.score_output(outs)
-            self.evaluated += 1
-        return self.memo[key]
-
-    def kl_removal(self, removed: set[int] | frozenset[int]) -> float:
-        """Mean KL(original || pruned) of next-token distributions on the calibration tokens for
-        the model without the layers in ``removed`` (lower is better)."""
-        key = ("removal-kl", frozenset(removed))
-        if key not in self.memo:
-            self.memo[key] = output_kl(self.cache, self._run_without(removed))
+            self.memo[key] = self.score_output(self._run_without(removed, final_norm=self.criterion == "output-cosine"))
             self.evaluated += 1
         return self.memo[key]
 
@@ -243,52 +253,12 @@ class SlmEngine:
         kept = [i for i in range(start, self.num_layers) if i not in removed]
         return self.cache.run(start, [(self.cache.layers[i], i) for i in kept], hidden=hidden, final_norm=final_norm)
 
-    def _kept_inputs(self, kept: list[int]) -> dict[int, list[torch.Tensor]]:
-        """Input of every kept layer in the model that keeps only ``kept`` (key L: its output)."""
-        states, hidden = {}, self.cache.inputs[kept[0]]
-        for i, nxt in zip(kept, [*kept[1:], self.num_layers], strict=True):
-            states[i] = hidden
-            hidden = [h.to(self.cache.store_device) for h in self.cache.run(i, [(self.cache.layers[i], i)],
-                                                                              hidden=hidden)]
-            states[nxt] = hidden
-        return states
-
-    def refine(self, removed: set[int], passes: int, radius: int = 0, progress: bool = True) -> tuple[set[int], list]:
-        """Local search over plans of removed layers: each pass tries every swap of one removed
-        layer for one kept layer (layer 0 always stays; within ``radius`` layers when > 0),
-        scored by the criterion on the whole model's output, and takes the best if it improves.
-        Returns the final set and the accepted swaps ``(removed_back, newly_removed, score)``."""
-        n = self.num_layers
-        removed = set(removed)
-        score = self.score_removal(removed)
-        history = []
-        for _ in tqdm(range(passes), desc="refining", disable=not progress, leave=False):
-            kept = [i for i in range(n) if i not in removed]
-            states = self._kept_inputs(kept)
-            best: tuple[float, int, int] | None = None
-            for r in sorted(removed):
-                for k in kept:
-                    if k == 0 or (radius and abs(k - r) > radius):
-                        continue
-                    new = (removed - {r}) | {k}
-                    start = min(r, k)
-                    first = min([i for i in kept if i >= start], default=n)  # its input is the hidden at start
-                    value = self.score_removal(new, start, states[first])
-                    if best is None or value > best[0]:
-                        best = (value, r, k)
-            if best is None or best[0] <= score:
-                break
-            score, r, k = best
-            removed = (removed - {r}) | {k}
-            history.append((r, k, score))
-        return removed, history
-
     def window_cost(self, window: Window) -> float:
         """Local cost of fusing ``window``: 1 - cosine between the fused layer's output and the
         window's original output, per token, averaged; both on the original model's activations."""
         lo, hi = window
         if window not in self.memo:
-            if self.merge == "base" and self.fit == "none" and self.norms == "base":
+            if self.output_is_cached():
                 outs = self.cache.inputs[lo + 1]  # the fused layer is layer lo itself: its output is cached
             else:
                 outs = self.cache.run(lo, [(self.candidate(window), lo)])
@@ -413,68 +383,17 @@ class SlmEngine:
             return 0.0
         return output_kl(self.cache, self.cache.run(windows[0][0], self._folded(windows, modules)))
 
-    def rescale(self, windows: list[Window], grid: tuple[float, ...] = RESCALE_GRID, objective: str = "kl",
-                progress: bool = True, modules: dict[int, torch.nn.Module] | None = None
-                ) -> tuple[dict[Window, float], float, float]:
-        """A factor for each window's fused layer, scaling what it adds to the residual stream
-        (:func:`layerfold.merge.scale_branches`), chosen from ``grid`` on the calibration tokens by
-        ``objective``: ``"kl"``, the KL divergence of the whole pruned model's next-token
-        distributions from the original's, or ``"criterion"``, the engine's criterion on the
-        model's output (negated, so that lower is better in both).  Windows are taken bottom-up,
-        each with the factors already chosen below it; a factor other than 1 is kept only if it
-        lowers the objective, so it never rises.  ``modules`` (window base -> layer) replaces the
-        fused layers (e.g. channel-fitted ones) that the factors then scale.  Returns the factors,
-        and the objective before and after."""
-        branches = self._branches("rescale")
-        windows = sorted(windows)
-        if not windows:
-            return {}, 0.0, 0.0
-        modules = {w[0]: self.module_of(w) for w in windows} | (modules or {})  # trials replace entries
-
-        def stack(from_index: int) -> list[tuple[torch.nn.Module, int]]:
-            return [(m, j) for m, j in self._folded(windows, modules) if j >= from_index]
-
-        def measure(from_index: int, hidden) -> float:
-            if objective == "kl":
-                return output_kl(self.cache, self.cache.run(from_index, stack(from_index), hidden=hidden))
-            outs = self.cache.run(from_index, stack(from_index), hidden=hidden,
-                                  final_norm=self.criterion == "output-cosine")
-            return -self.score_output(outs)
-
-        start = windows[0][0]
-        before = current = measure(start, None)
-        factors: dict[Window, float] = {}
-        bar = tqdm(total=len(windows) * (len(grid) - (1.0 in grid)), desc="rescaling", disable=not progress,
-                   leave=False)
-        for lo, hi in windows:
-            below = [(m, j) for m, j in stack(start) if j < lo]
-            hidden = self.cache.run(start, below) if below else None
-            original, best = modules[lo], (1.0, None)
-            for factor in grid:
-                if factor == 1.0:
-                    continue
-                trial = copy.deepcopy(original)
-                scale_branches(trial, branches, factor)
-                modules[lo] = trial
-                value = measure(lo, hidden)
-                self.evaluated += 1
-                bar.update(1)
-                if value < current:
-                    current, best = value, (factor, trial)
-            factors[(lo, hi)] = best[0]
-            modules[lo] = best[1] if best[1] is not None else original
-        bar.close()
-        return factors, before, current
-
-    def search(self, budget: int, progress: bool = True) -> tuple[float, SlmRun]:
+    def search(self, budget: int, progress: bool = True, loop: SlidingLoop = PAPER_LOOP) -> tuple[float, SlmRun]:
         """Highest threshold at which the budgeted loop removes exactly ``budget`` layers.
 
         The loop's decisions change only where the threshold crosses a similarity it compared
         against, so the search bisects over the similarities seen so far (each run adds the
         ones it met), and memoised candidates make repeated runs nearly free."""
-        best_t, best = -1.0, self.run(-1.0, budget)
+        best_t, best = -1.0, self.run(-1.0, budget, loop)
         if best.removed != budget:
-            raise LayerfoldError(f"slm cannot remove {budget} layers from {self.num_layers}")
+            kept = f" (the top {loop.keep_top} never merged)" if loop.keep_top else ""
+            raise LayerfoldError(f"the sliding loop cannot remove {budget} of {self.num_layers} layers{kept}; "
+                                 "ask for fewer")
         lo_t, hi_t = -1.0, float("inf")
         bar = tqdm(desc="threshold search", disable=not progress, leave=False)
         while True:
@@ -482,7 +401,7 @@ class SlmEngine:
             if not values:
                 break
             mid = values[len(values) // 2]
-            run = self.run(mid, budget)
+            run = self.run(mid, budget, loop)
             bar.update(1)
             if run.removed == budget:
                 lo_t, best_t, best = mid, mid, run

@@ -1,15 +1,5 @@
-"""Sliding Layer Merging (SLM; arXiv 2502.19159).
-
-From the top of the network down, a window of consecutive layers grows downwards while the
-similarity criterion stays at or above the threshold; the window is then fused into one
-layer and the next window starts just below it.
-
-The engine is incremental: layer inputs are captured once (:mod:`layerfold.calibrate`); a
-candidate window is scored by building one fused layer and running only the layers from
-the window upwards; candidate scores are memoised, so a target-size search over thresholds
-re-runs almost nothing.  It takes exactly the decisions of the naive loop (deep copy, full
-forward, compare), which the tests check.
-"""
+"""Sliding Layer Merging (SLM; arXiv 2502.19159): ``slm`` (layerfold's default), ``slm-paper``
+(the paper's procedure) and ``slm-reference`` (the authors' released code)."""
 
 from __future__ import annotations
 
@@ -19,229 +9,216 @@ import torch
 from pydantic import Field, model_validator
 
 from layerfold.errors import LayerfoldError
+from layerfold.merge import MERGES
 from layerfold.methods.base import Method, PlanContext, PlanResult, register
-from layerfold.methods.slm.engine import CHANNEL_RIDGE, Rescale, SlmEngine, SlmRun, Window, removed_layers, windows_of
+from layerfold.methods.slm.engine import (
+    AUTHORS_LOOP,
+    CHANNEL_RIDGE,
+    PAPER_LOOP,
+    Rescale,
+    SlidingLoop,
+    SlmEngine,
+    SlmRun,
+    Window,
+    windows_of,
+)
 from layerfold.methods.slm.greedy import greedy_fold
 from layerfold.methods.slm.selection import angular_removal, influence_removal, portfolio_candidates
 from layerfold.plan import Operation
 
 
+def channel_lists(factors: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """Per-channel factors as the plan stores them: six decimals, which give back the float32 values."""
+    return {path: [round(v, 6) for v in t.tolist()] for path, t in factors.items()}
+
+
+Selection = Literal["portfolio", "greedy", "optimal", "sliding", "influence", "angular"]
+Criterion = Literal["output-cosine", "cka-linear", "cka-rbf", "angular", "loss"]
+REMOVAL_SELECTIONS = ("portfolio", "influence", "angular")  # they choose layers to remove: the base layer stays
+OUTPUT_CRITERIA = ("output-cosine", "loss")  # scores of the whole model's output
+
+
 @register
 class SlidingLayerMerging(Method):
-    """Sliding Layer Merging (Zhu et al. 2025, arXiv 2502.19159), with layerfold's measured defaults.
+    """Sliding Layer Merging (Zhu et al. 2025, arXiv 2502.19159) with layerfold's defaults.
 
-    Defaults (chosen on PTB-valid perplexity over SmolLM2-135M and Gemma-3-270M at 20% and 35%,
-    benchmarks/results/quality.md; a tie there broken on zero-shot validation tasks): each window
-    keeps its base layer (``merge="base"``), rescaled channel by channel (``rescale="channels"``,
-    below), and the windows are those of the best of several candidate plans
-    (``selection="portfolio"``): the
-    greedy fold (adjacent segments folded one pair at a time, each time the pair that keeps the
-    final output closest in cosine to the original's), the optimal windows (dynamic programming on
-    a local cost), the lowest block influence and the closest contiguous block in angle.  The
-    candidates are compared by the criterion, the whole model's output cosine on the calibration
-    tokens (``pick="criterion"``); ``pick="kl"`` compares them by the KL divergence of the pruned
-    model's next-token distributions from the original's instead (better on validation text with
-    the paper's 10 calibration samples, but on Gemma-3-270M it flips to a 4x worse plan with 32).
-    After the selection, what each window's kept layer adds to the residual stream is rescaled:
-    ``"channels"`` fits one factor per output channel of each residual branch (attention, MLP) in
-    closed form on the calibration activations, so that the kept layer's output approaches the
-    original residual stream after the window (:meth:`SlmEngine.fit_channels`, ridge
-    ``channel_ridge`` towards 1; the default); ``"kl"`` scales the whole layer by one factor per
-    window, chosen from a grid by that KL on the calibration tokens; ``"channels+kl"`` does both,
-    in that order; ``"criterion"`` chooses the one factor by the criterion; ``"none"`` keeps the
-    layer as it is.  The factors are stored in the plan's operations (``channel_scale``,
-    ``branch_scale``) and baked into the weights by surgery, so the pruned model is a plain
-    checkpoint.
-    ``selection="greedy"`` and ``"optimal"`` run one selector; ``refine=N`` adds a swap search.
-    ``selection="influence"`` takes the layers of lowest block influence (ShortGPT's choice), each run
-    folded into the kept layer below and rescaled as above: on multiple-choice validation tasks it
-    beats the default (43.45 against 42.41 over both models and ratios) at a validation perplexity 43%
-    higher, but on SmolLM2's seven reported tasks it is only level without BoolQ (quality.md).
-    ``selection="angular"`` likewise takes the contiguous block closest in angle (Angular's choice).
-    ``pick="choice"`` compares the portfolio's candidates by a continuation-choice probe shaped like
-    the multiple-choice tasks (:mod:`layerfold.choice`): ``choice_items`` items of the calibration
-    source, each a 96-token context, its true 32 tokens and three 32-token spans from further on;
-    the candidate that picks the true continuation most often wins (ties: the graded score).  Measured
-    (quality.md, session 9): no better on the zero-shot validation tasks than the cosine pick (42.46
-    against 42.41) and worse on perplexity than a baseline in two of four cells, so not the default.
-    The paper's procedure is ``slm-paper``; the authors' code, ``slm-reference``.
+    Consecutive layers are folded into one: each chosen window of layers keeps one layer, its
+    lowest (the base), and the layers above it in the window go.  Options:
+
+    - ``selection``: how the windows are chosen.  ``portfolio`` (the default with a target size)
+      builds the plans of four selectors (``greedy``, ``optimal``, the layers of lowest block
+      influence, the contiguous block closest in angle), scores each by ``criterion`` on the whole
+      pruned model's output and keeps the best.  ``greedy`` folds adjacent segments one pair at a
+      time, each time the pair that keeps the output closest to the original's; ``optimal`` finds
+      the windows of least summed local cost by dynamic programming (windows of at most
+      ``max_window`` layers); ``influence`` and ``angular`` take ShortGPT's and Angular's layers,
+      each run folded into the kept layer below it; ``sliding`` is the paper's loop: from the top
+      down a window grows while the similarity stays at or above ``threshold``.  Unset, the
+      selection is ``sliding`` when a ``threshold`` is given, ``greedy`` when ``merge`` or
+      ``norms`` is not ``base``, else ``portfolio``.
+    - ``criterion``: the similarity that scores a candidate: the cosine of the pruned model's final
+      hidden states with the original's (``output-cosine``), linear or RBF CKA or the angular
+      distance between layer outputs, or the calibration loss (``loss``, with a target size only).
+    - ``merge``, ``norms``: the fused layer.  ``base`` keeps the base layer; ``diff`` is the paper's
+      theta_base + sum_k (theta_k - theta_base); ``mean``; ``reference`` the authors' code
+      (:mod:`layerfold.merge`).  ``norms``: the base layer's norm weights, or merged like the rest.
+    - ``rescale``: ``channels`` (the default) scales what each fused layer adds to the residual
+      stream, one factor per output channel of its attention and MLP out-projections, fitted in
+      closed form on the calibration activations so that its output approaches the original
+      model's after the window (:meth:`SlmEngine.fit_channels`; ``channel_ridge`` pulls the factors
+      towards 1); ``none`` keeps the fused layer as it is.  The factors travel in the plan and are
+      baked into the weights by surgery.
+    - ``threshold``: the sliding loop's stopping similarity, instead of a target size.  With a
+      target size, the sliding loop's threshold is searched so that the size is met exactly.
+
+    Why these defaults, and the options measured and not adopted: docs/measured-options.md.
     """
 
     name: ClassVar[str] = "slm"
     needs_target: ClassVar[bool] = False
-    selection: Literal["sliding", "greedy", "optimal", "portfolio", "influence", "angular"] = "portfolio"
-    criterion: Literal["output-cosine", "cka-linear", "cka-rbf", "angular", "loss"] = "output-cosine"
+    loop: ClassVar[SlidingLoop] = PAPER_LOOP  # the sliding loop's details (see SlidingLoop)
+    selection: Selection | None = None
+    criterion: Criterion = "output-cosine"
     merge: str = "base"
     norms: Literal["base", "merge"] = "base"
-    scale: float = 1.0
-    fit: Literal["none", "ridge"] = "none"
-    ridge: float = Field(default=1e-2, gt=0)
-    max_window: int = Field(default=8, ge=2)
-    threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
-    refine: int = Field(default=0, ge=0)
-    refine_radius: int = Field(default=0, ge=0)
-    pick: Literal["criterion", "kl", "choice"] = "criterion"
-    choice_items: int = Field(default=400, ge=1)
     rescale: Rescale = "channels"
     channel_ridge: float = Field(default=CHANNEL_RIDGE, ge=0)
+    max_window: int = Field(default=8, ge=2)
+    threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
+
+    @property
+    def chosen_selection(self) -> str:
+        """The selection asked for, or the one the rule above gives when it is unset."""
+        if self.selection is not None:
+            return self.selection
+        if self.threshold is not None:
+            return "sliding"
+        return "greedy" if self.merge != "base" or self.norms != "base" else "portfolio"
 
     @model_validator(mode="after")
-    def _threshold_means_sliding(self):
-        """A threshold is the paper's stopping rule: with one and no explicit selection, slide.
-        A fitted fused layer (fit=ridge) is not rescaled unless rescale is asked for."""
-        if self.fit != "none" and "rescale" not in self.model_fields_set:
-            self.rescale = "none"
-        if self.threshold is not None and "selection" not in self.model_fields_set:
-            self.selection = "sliding"
-        elif (self.selection == "portfolio" and "selection" not in self.model_fields_set
-              and (self.merge != "base" or self.fit != "none" or self.norms != "base")):
-            # the portfolio compares plans of removed layers; another fused layer means the greedy fold
-            self.selection = "greedy"
+    def _refuse_conflicts(self):
+        """Every check that needs no model or target, run when the options are built."""
+        MERGES.get(self.merge)  # an unknown operator, with "did you mean"
+        problem = self.conflict()
+        if problem:
+            raise LayerfoldError(f"{self.name}: {problem}")
         return self
 
-    def plan(self, ctx: PlanContext) -> PlanResult:
-        from layerfold.merge import MERGES
+    def conflict(self) -> str | None:
+        """What is wrong with this combination of options, or None."""
+        selection = self.chosen_selection
+        if self.threshold is not None and selection != "sliding":
+            return f"selection={selection} aims at a size; --threshold works with selection=sliding"
+        if self.threshold is not None and self.criterion == "loss":
+            return "criterion 'loss' has no threshold scale: give a target size instead of --threshold"
+        if selection in REMOVAL_SELECTIONS and (self.merge != "base" or self.norms != "base"):
+            return f"selection={selection} chooses layers to remove: it needs merge=base and norms=base"
+        if selection in ("portfolio", "greedy") and self.criterion not in OUTPUT_CRITERIA:
+            return f"selection={selection} scores the whole model's output: use criterion output-cosine or loss"
+        return None
 
-        MERGES.get(self.merge)  # validate early, with "did you mean"
+    def plan(self, ctx: PlanContext) -> PlanResult:
         budget = self._budget(ctx)
-        engine = SlmEngine(ctx.cache, self.criterion, self.merge, self.norms, self.scale, self.fit, self.ridge)
-        threshold = self.threshold
-        extra: dict = {}
-        if self.selection == "portfolio":
+        engine = self.make_engine(ctx)
+        run, threshold, extra = self.select(engine, ctx, budget)
+        fused, rescaled = self.rescale_windows(engine, run, ctx)
+        extra.update(rescaled)
+        ops = [Operation("fuse", lo, hi, score=run.scores.get((lo, hi)),
+                         detail={**self.stop_detail((lo, hi), run), **fused.get((lo, hi), {})})
+               for lo, hi in sorted(run.windows)]
+        plan = ctx.new_plan(self.name, ops, merge=self.merge_record(),
+                            criterion="window-cosine" if self.chosen_selection == "optimal" else self.criterion,
+                            threshold=threshold,
+                            scores={"candidates_evaluated": engine.evaluated, "selection": self.chosen_selection,
+                                    **extra})
+        return PlanResult(plan, self.fused_overrides(engine, run))
+
+    def make_engine(self, ctx: PlanContext) -> SlmEngine:
+        return SlmEngine(ctx.cache, self.criterion, self.merge, self.norms)
+
+    def select(self, engine: SlmEngine, ctx: PlanContext, budget: int | None) -> tuple[SlmRun, float | None, dict]:
+        """The windows, the threshold the sliding loop used (None for the other selections) and
+        what the plan records about the choice."""
+        selection = self.chosen_selection
+        if selection == "portfolio":
             run, extra = self._portfolio(engine, ctx, budget)
-        elif self.selection == "greedy":
-            run = greedy_fold(engine, budget, progress=ctx.progress)
-        elif self.selection == "optimal":
-            run = engine.optimal(budget, self.max_window, progress=ctx.progress)
-        elif self.selection in ("influence", "angular"):
-            chooser = influence_removal if self.selection == "influence" else angular_removal
+            return run, None, extra
+        if selection == "greedy":
+            return greedy_fold(engine, budget, progress=ctx.progress), None, {}
+        if selection == "optimal":
+            return engine.optimal(budget, self.max_window, progress=ctx.progress), None, {}
+        if selection in ("influence", "angular"):
+            chooser = influence_removal if selection == "influence" else angular_removal
             removed = chooser(ctx.cache, budget)
             windows = windows_of(removed)
-            run = SlmRun(windows=windows, scores=dict.fromkeys(windows, engine.score_removal(removed)))
-        elif budget is None:
-            run = engine.run(self.threshold)
-        else:
-            threshold, run = engine.search(budget, progress=ctx.progress)
-        if self.refine:
-            removed, history = engine.refine(removed_layers(run.windows), self.refine, self.refine_radius,
-                                             progress=ctx.progress)
-            windows = windows_of(removed)
-            run = SlmRun(windows=windows, scores=dict.fromkeys(windows, engine.score_removal(removed)))
-            extra["refine_swaps"] = [{"kept_again": r, "removed": k, "score": v} for r, k, v in history]
-        factors: dict[Window, float] = {}
-        channels: dict[Window, dict[str, torch.Tensor]] = {}
-        modules = None
-        if self.rescale.startswith("channels"):
-            unfitted = engine.kl_of(run.windows)
-            channels, modules = engine.fit_channels(run.windows, self.channel_ridge, progress=ctx.progress)
-            extra["channels"] = {"ridge": self.channel_ridge, "kl_before": unfitted}
-            if self.rescale == "channels":
-                extra["channels"]["kl_after"] = engine.kl_of(run.windows, modules)
-        if self.rescale in ("kl", "criterion", "channels+kl"):
-            objective = "criterion" if self.rescale == "criterion" else "kl"
-            factors, before, after = engine.rescale(run.windows, objective=objective, progress=ctx.progress,
-                                                    modules=modules)
-            extra["rescale"] = {"objective": "kl" if objective == "kl" else f"-{self.criterion}",
-                                "before": before, "after": after,
-                                "factors": {f"{lo}-{hi}": f for (lo, hi), f in sorted(factors.items())}}
-            if "channels" in extra:  # the grid starts from the channel-fitted model: its KL is "before"
-                extra["channels"]["kl_after"] = before
-        scaled = {w: f for w, f in factors.items() if f != 1.0}
-        # six decimals, as fitted: they give back exactly the float32 factors the engine used
-        per_channel = {w: {p: [round(v, 6) for v in t.tolist()] for p, t in c.items()} for w, c in channels.items()}
-        ops = [Operation("fuse", lo, hi, score=run.scores.get((lo, hi)),
-                         detail={k: v for k, v in (("rejected_next", run.rejected.get((lo - 1, hi))),
-                                                   ("fit", self.fit if self.fit != "none" else None),
-                                                   ("channel_scale", per_channel.get((lo, hi))),
-                                                   ("branch_scale", scaled.get((lo, hi)))) if v is not None})
-               for lo, hi in sorted(run.windows)]
-        plan = ctx.new_plan(self.name, ops, merge={"operator": self.merge, "norms": self.norms, "scale": self.scale},
-                            criterion="window-cosine" if self.selection == "optimal" else self.criterion,
-                            threshold=threshold,
-                            scores={"candidates_evaluated": engine.evaluated, "selection": self.selection,
-                                    **extra})
-        overrides = {}
-        if self.fit != "none":
-            overrides = {lo: {k: v.detach().cpu().clone() for k, v in engine.fused((lo, hi)).named_parameters()}
-                         for lo, hi in run.windows}
-        return PlanResult(plan, overrides)
+            return SlmRun(windows=windows, scores=dict.fromkeys(windows, engine.score_removal(removed))), None, {}
+        if budget is None:
+            return engine.run(self.threshold, loop=self.loop), self.threshold, {}
+        threshold, run = engine.search(budget, progress=ctx.progress, loop=self.loop)
+        return run, threshold, {}
 
     def _portfolio(self, engine: SlmEngine, ctx: PlanContext, budget: int) -> tuple[SlmRun, dict]:
         """Plans of removed layers from several selectors (see :func:`portfolio_candidates`), scored
-        alike by the criterion on the whole model's output; the best is kept (by ``pick``)."""
+        alike by the criterion on the whole model's output; the best is kept (:meth:`pick_candidate`)."""
         candidates = portfolio_candidates(engine, ctx.cache, budget, self.max_window, ctx.progress)
         scores = {name: engine.score_removal(r) for name, r in candidates.items()}
         extra: dict = {"portfolio": scores, "portfolio_removed": {name: sorted(r) for name, r in candidates.items()}}
-        if self.pick == "choice":
-            choice = self._choice_scores(ctx, candidates)
-            pick = max(choice, key=lambda name: (*choice[name].key(), scores[name]))
-            extra["portfolio_choice"] = {name: {"accuracy": c.accuracy, "nll": c.nll} for name, c in choice.items()}
-            extra["choice_items"] = self.choice_items
-        elif self.pick == "kl":
-            kl = {name: engine.kl_removal(r) for name, r in candidates.items()}
-            pick = min(kl, key=lambda name: (kl[name], -scores[name]))
-            extra["portfolio_kl"] = kl
-        else:
-            pick = max(scores, key=lambda name: scores[name])
+        pick, picked = self.pick_candidate(engine, ctx, candidates, scores)
         windows = windows_of(candidates[pick])
-        return SlmRun(windows=windows, scores=dict.fromkeys(windows, scores[pick])), {**extra, "portfolio_pick": pick}
+        return SlmRun(windows=windows, scores=dict.fromkeys(windows, scores[pick])), {**extra, **picked,
+                                                                                      "portfolio_pick": pick}
 
-    def _choice_scores(self, ctx: PlanContext, candidates: dict[str, set[int]]) -> dict:
-        """The continuation-choice probe of each candidate on ``choice_items`` items of the
-        calibration source (the source's whole text, not only the sampled windows)."""
-        from layerfold.choice import choice_items, default_bos, plan_choice_scores
-        from layerfold.data.sources import load_text
-        from layerfold.data.tokens import token_stream
+    def pick_candidate(self, engine: SlmEngine, ctx: PlanContext, candidates: dict[str, set[int]],
+             scores: dict[str, float]) -> tuple[str, dict]:
+        """The portfolio's candidate kept: the best by the criterion."""
+        return max(scores, key=lambda name: scores[name]), {}
 
-        tokenizer = ctx.loaded.tokenizer
-        if tokenizer is None:
-            raise LayerfoldError("pick=choice needs a tokenizer")
-        stream = token_stream(tokenizer, load_text(ctx.calibration.source))
-        try:
-            items = choice_items(stream, self.choice_items, default_bos(tokenizer))
-        except LayerfoldError as exc:
-            raise LayerfoldError(f"pick=choice on {ctx.calibration.source}: {exc}; give fewer with --set "
-                                 "choice_items=N or a longer calibration source") from exc
-        return plan_choice_scores(ctx.loaded, candidates, items, batch_size=ctx.calibration.batch_size,
-                                  streamer=ctx.streamer, progress=ctx.progress)
+    def rescale_windows(self, engine: SlmEngine, run: SlmRun, ctx: PlanContext) -> tuple[dict[Window, dict], dict]:
+        """Per-channel factors of each window's fused layer (``rescale=channels``): what each fuse
+        operation records (its ``channel_scale``, six decimals, as fitted: they give back exactly the
+        float32 factors) and what the plan records (the calibration KL before and after)."""
+        if self.rescale != "channels":
+            return {}, {}
+        before = engine.kl_of(run.windows)
+        channels, modules = engine.fit_channels(run.windows, self.channel_ridge, progress=ctx.progress)
+        detail = {w: {"channel_scale": channel_lists(c)} for w, c in channels.items()}
+        return detail, {"channels": {"ridge": self.channel_ridge, "kl_before": before,
+                                     "kl_after": engine.kl_of(run.windows, modules)}}
+
+    @staticmethod
+    def stop_detail(window: Window, run: SlmRun) -> dict:
+        """The similarity that stopped the window from growing (sliding loop), if one did."""
+        below = (window[0] - 1, window[1])
+        return {"rejected_next": run.rejected[below]} if below in run.rejected else {}
+
+    def merge_record(self) -> dict:
+        """How surgery builds each fused layer (the plan's ``merge``)."""
+        return {"operator": self.merge, "norms": self.norms, "scale": 1.0}
+
+    def fused_overrides(self, engine: SlmEngine, run: SlmRun) -> dict[int, dict[str, torch.Tensor]]:
+        """Weights of fused layers that surgery cannot rebuild from the plan (none here)."""
+        return {}
 
     def _budget(self, ctx: PlanContext) -> int | None:
+        """Layers to remove, or None with a threshold; the checks that need the target."""
         budget = ctx.layers_to_remove()
         if budget is None and self.threshold is None:
-            raise LayerfoldError("slm needs --threshold or a size (--target-layers, --ratio, --param-ratio)")
+            raise LayerfoldError(f"{self.name} needs --threshold or a size (--target-layers, --ratio, --param-ratio)")
         if budget is not None and self.threshold is not None:
             raise LayerfoldError("give either --threshold or a target size, not both")
-        if (self.refine or self.selection in ("portfolio", "influence", "angular")) and (
-                self.merge != "base" or self.fit != "none" or self.norms != "base"):
-            raise LayerfoldError("refine and selection=portfolio, influence or angular choose plans of removed "
-                                 "layers: they need merge=base, norms=base and fit=none")
-        if self.pick == "choice" and self.selection != "portfolio":
-            raise LayerfoldError(f"pick=choice compares the portfolio's candidates; selection={self.selection} has "
-                                 "none: use selection=portfolio")
-        if (self.refine or self.selection in ("portfolio", "influence", "angular")) and budget is None:
-            raise LayerfoldError(f"{'refine' if self.refine else 'selection=' + self.selection} aims at a size: give "
-                                 "--target-layers, --ratio or --param-ratio")
-        if self.selection == "portfolio" and self.criterion not in ("output-cosine", "loss"):
-            raise LayerfoldError("selection=portfolio scores the model's output: use criterion output-cosine or loss")
-        if self.rescale == "criterion" and self.criterion not in ("output-cosine", "loss"):
-            raise LayerfoldError("rescale=criterion scores the model's output: use criterion output-cosine or loss")
-        if self.rescale != "none" and self.fit != "none":
-            raise LayerfoldError("rescale scales a window's merged layer; a fitted layer (fit=ridge) is not rescaled: "
-                                 "use one or the other")
-        if self.threshold is not None:
-            if self.selection != "sliding":
-                raise LayerfoldError(f"{self.selection} selection aims at a size; --threshold works with "
-                                     "selection=sliding")
-            if not -1.0 <= self.threshold <= 1.0:
-                raise LayerfoldError(f"--threshold must be a similarity between -1 and 1, got {self.threshold}")
-            if self.criterion == "loss":
-                raise LayerfoldError("criterion 'loss' has no threshold scale; use it with a target size")
         return budget
 
 
 @register
 class SlmPaper(SlidingLayerMerging):
-    """SLM exactly as the paper describes it: sliding windows, output cosine, difference merge."""
+    """SLM as the paper describes it: the sliding loop on the output cosine, windows fused by the
+    paper's difference merge (theta_base + sum_k (theta_k - theta_base)), no rescaling.
+
+    The paper's text does not say which pair the loop starts from, whether a similarity equal to
+    the threshold passes, or what becomes of the window still growing when the loop reaches layer
+    0; ``slm-paper`` starts at the last pair (so the last layer may be merged), lets a similarity
+    equal to the threshold pass and fuses that last window.  ``slm-reference`` settles them as
+    the authors' code does."""
 
     name: ClassVar[str] = "slm-paper"
     selection: Literal["sliding", "greedy", "optimal", "portfolio"] = "sliding"
@@ -251,9 +228,19 @@ class SlmPaper(SlidingLayerMerging):
 
 @register
 class SlmReference(SlidingLayerMerging):
-    """SLM as the authors' released code behaves: the fused layer is the window's top layer."""
+    """SLM as the authors' released code decides, so that results can be compared with theirs.
+
+    The loop starts at the pair just below the top (on 30 layers (27, 28): the last layer is
+    never merged); a window grows while the output cosine is strictly greater than the threshold;
+    a window still growing when the loop reaches layer 0 is dropped, not fused; the fused layer is
+    the window's top layer with the base's norms and biases (merge ``reference``).  Differences
+    from ``slm-paper``: those three loop details and the fused layer, which there is the paper's
+    difference merge.  One step of the authors' loop is left out because it cannot change a
+    decision: after fusing a window, their code scores the model once more as it stands (a
+    similarity that already passed)."""
 
     name: ClassVar[str] = "slm-reference"
+    loop: ClassVar[SlidingLoop] = AUTHORS_LOOP
     selection: Literal["sliding", "greedy", "optimal", "portfolio"] = "sliding"
     merge: str = "reference"
     rescale: Rescale = "none"
