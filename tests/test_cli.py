@@ -263,3 +263,18 @@ def test_prune_plan_and_reapply_end_to_end(run, tmp_path, tiny_model_dir, text_f
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", None)
     assert_user_error(run("prune", out, "--plan", out / "plan.json", "--out", tmp_path / "x", "--ppl", ""),
                       "is for a 6-layer model;")
+
+
+def test_python_api_checks_the_same_before_loading(tmp_path, tiny_model_dir, text_file, no_weights_loaded):
+    from layerfold import api
+    from layerfold.data.tokens import CalibrationConfig
+    from layerfold.errors import LayerfoldError
+    from layerfold.methods.base import Target
+
+    calib = CalibrationConfig(source=str(text_file), samples=2, seq_len=16)
+    with pytest.raises(LayerfoldError, match="--target-layers must be between 1 and 5"):
+        api.prune(str(tiny_model_dir("llama")), tmp_path / "out", target=Target(layers=6), calibration=calib)
+    with pytest.raises(LayerfoldError, match="is not valid JSON"):
+        (tmp_path / "bad.json").write_text("{")
+        api.prune(str(tiny_model_dir("llama")), tmp_path / "out", plan=tmp_path / "bad.json")
+    assert nothing_written(tmp_path, "out")

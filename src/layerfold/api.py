@@ -113,6 +113,7 @@ def prune(model: LoadedModel | str | None = None, out: str | Path | None = None,
     A saved ``plan`` made for another model (its recorded fingerprint differs) is refused unless
     ``force``."""
     check_width_request(width, max_gpu_memory, force)
+    check_out(out, overwrite)
     if not isinstance(model, LoadedModel | torch.nn.Module):
         preflight(model, target=None if plan is not None else target, plan=plan,
                   calibration=calibration if plan is None or width is not None else None, ppl=ppl, force=force)
@@ -128,7 +129,6 @@ def prune(model: LoadedModel | str | None = None, out: str | Path | None = None,
         return prune_with_width(loaded, out, width, method=method, target=target, calibration=calibration,
                                 options=options, plan=plan, overwrite=overwrite, ppl=ppl, ppl_windows=ppl_windows,
                                 progress=progress, command=command)
-    check_out(out, overwrite)
     start = time.perf_counter()
     layers_before = len(loaded.arch.layer_list(loaded.model))
     params_before = parameter_count(loaded.model)
