@@ -278,3 +278,21 @@ def test_python_api_checks_the_same_before_loading(tmp_path, tiny_model_dir, tex
         (tmp_path / "bad.json").write_text("{")
         api.prune(str(tiny_model_dir("llama")), tmp_path / "out", plan=tmp_path / "bad.json")
     assert nothing_written(tmp_path, "out")
+
+
+@pytest.mark.parametrize("command", ["prune", "plan", "analyze", "eval"])
+def test_device_is_auto_unless_given(command, run, monkeypatch, tmp_path, tiny_model_dir, text_file):
+    from layerfold import api
+    from layerfold.errors import LayerfoldError
+
+    asked = []
+
+    def record(model, **kwargs):
+        asked.append(kwargs.get("device"))
+        raise LayerfoldError("stopped after the load was asked for")
+
+    monkeypatch.setattr(api, "load_model", record)
+    args = [] if command == "eval" else ["--out", tmp_path / "out", "--calib-source", text_file, *CALIB[2:]]
+    for device in ([], ["--device", "cpu"]):
+        assert_user_error(run(command, tiny_model_dir("llama"), *args, *device), "stopped after the load")
+    assert asked == ["auto", "cpu"]

@@ -12,12 +12,16 @@ import inspect
 import json
 import typing
 from collections.abc import Callable
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import BaseModel, ConfigDict
 
 from layerfold.errors import LayerfoldError
+
+if TYPE_CHECKING:
+    from layerfold.data.tokens import CalibrationConfig
+    from layerfold.methods.base import Target
 
 ModelArg = Annotated[str | None, typer.Argument(help="Hub id or local folder; default: the embedded SmolLM2-135M.")]
 Dtype = Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")]
@@ -110,7 +114,7 @@ class Planning(OptionGroup):
     norms: Norms = None
     set_: SetOpt = None
 
-    def resolve(self):
+    def resolve(self) -> tuple[str, Target, dict]:
         """(the method's registered name, the :class:`~layerfold.methods.base.Target`, the method's
         options), checked: an unknown method or option, or an impossible target, fails here."""
         from layerfold.methods.base import Target, make_method
@@ -135,7 +139,7 @@ class Calibration(OptionGroup):
     seed: Seed = 1234
     calib_sampling: Sampling = "random"
 
-    def config(self):
+    def config(self) -> CalibrationConfig:
         from layerfold.data.tokens import CalibrationConfig
 
         return CalibrationConfig(source=self.calib_source, samples=self.calib_samples, seq_len=self.calib_seq_len,
