@@ -11,6 +11,7 @@ from layerfold.errors import LayerfoldError
 from layerfold.evaluate.perplexity import perplexities
 from layerfold.methods.planning import make_plan
 from layerfold.models.arch import parameter_count
+from layerfold.models.load import LoadedModel, as_loaded
 from layerfold.output import PruneReport, check_out, command_line
 from layerfold.plan import PlanResult, load_plan
 from layerfold.surgery import apply_plan
@@ -22,13 +23,13 @@ from layerfold.width.save import save_shrunk
 from layerfold.width.split import depth_width_prune
 
 
-def prune_with_width(loaded, out: str | Path | None, request: WidthRequest, *, method: str | None = "slm",
-                     target=None, calibration: CalibrationConfig | None = None, options: dict | None = None,
-                     plan=None, overwrite: bool = False, ppl: tuple[str, ...] = (), ppl_windows: int | None = 40,
-                     progress: bool = True, command: str | None = None) -> PruneReport:
-    """Depth then width on ``loaded`` in place, saved as ONE plain Hugging Face folder (with
-    ``plan.json`` when depth removed layers, ``width_plan.json``, ``shrink.json`` and a model
-    card); returns a :class:`layerfold.output.PruneReport`.
+def prune_with_width(loaded: LoadedModel | str | None, out: str | Path | None, request: WidthRequest, *,
+                     method: str | None = "slm", target=None, calibration: CalibrationConfig | None = None,
+                     options: dict | None = None, plan=None, overwrite: bool = False, ppl: tuple[str, ...] = (),
+                     ppl_windows: int | None = 40, progress: bool = True, command: str | None = None) -> PruneReport:
+    """Depth then width on ``loaded`` (a LoadedModel, hub id or folder) in place, saved as ONE
+    plain Hugging Face folder (with ``plan.json`` when depth removed layers, ``width_plan.json``,
+    ``shrink.json`` and a model card); returns a :class:`layerfold.output.PruneReport`.
 
     The depth step is ``plan`` (a saved plan or a :class:`PlanResult`) or ``method`` planned
     for ``target``; ``method=None`` without ``plan`` means width alone (``layerfold shrink
@@ -38,6 +39,7 @@ def prune_with_width(loaded, out: str | Path | None, request: WidthRequest, *, m
         raise LayerfoldError("--split shares --param-ratio between a depth method and width: give the method")
     request.check_depth(target, plan, options)
     check_out(out, overwrite)
+    loaded = as_loaded(loaded)
     check_width_support(loaded)
     calibration = calibration or CalibrationConfig()
     start = time.perf_counter()

@@ -15,16 +15,17 @@ from layerfold.width.split import parse_split
 
 @dataclass(frozen=True)
 class WidthRequest:
-    """Width pruning inside ``layerfold prune`` (one output folder): exactly one of
+    """What width pruning is asked to do, for :func:`layerfold.width.prune_with_width`: exactly one of
 
-    - ``ratio`` (``--width R``): after the depth step (any depth target, or a saved ``--plan``),
-      remove ``R`` of every remaining decoder layer's attention and MLP projection parameters,
-      as ``layerfold shrink --width R``;
+    - ``ratio`` (``prune --width R``, ``shrink --width R``): after the depth step, if any (any
+      depth target, or a saved ``--plan``), remove ``R`` of every remaining decoder layer's
+      attention and MLP projection parameters;
     - ``split`` (``--split auto|D`` with ``--param-ratio P``): ``P`` of ALL parameters removed,
-      the share ``D`` by depth and the rest by width, as ``layerfold shrink --param-ratio P --split D``;
-    - ``plan`` (``--width-plan``): a saved ``width_plan.json`` applied after the depth step.
+      the share ``D`` by depth and the rest by width;
+    - ``plan`` (``prune --width-plan``, ``shrink --plan``): a saved ``width_plan.json`` applied
+      after the depth step, if any.
 
-    The other fields are ``layerfold shrink``'s options, with its defaults.
+    The other fields are the width options of both commands, with their defaults.
     """
 
     ratio: float | None = None
