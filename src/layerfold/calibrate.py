@@ -14,6 +14,8 @@ there before each call.
 
 from __future__ import annotations
 
+import inspect
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
@@ -21,8 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from layerfold.finite import ActivationWatch
 from layerfold.models.arch import Architecture
-from layerfold.models.finite import ActivationWatch
 from layerfold.streaming import LayerStreamer, execution_device
 
 _DROP_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
@@ -41,6 +43,7 @@ class LayerCache:
     extras: list[list[tuple[tuple, dict]]] = field(default_factory=list)
     store_device: torch.device = torch.device("cpu")
     streamer: LayerStreamer | None = None  # set when layers are streamed from the CPU
+    layer_seconds: float | None = None  # one decoder layer over all the tokens, timed during capture
 
     @property
     def num_layers(self) -> int:
@@ -164,20 +167,46 @@ def capture(model: nn.Module, arch: Architecture, tokens: torch.Tensor, batch_si
         if keep is None or n_layers in keep:
             cache.inputs[n_layers].append(out.detach().to(store))
 
+    clock = _LayerClock(cache.device)
+    handles.append(layers[0].register_forward_pre_hook(clock.start))
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
     handles.append(layers[-1].register_forward_hook(last_hook))
+    handles.append(layers[-1].register_forward_hook(clock.stop))
     device = cache.device
+    # the logits are not needed: with logits_to_keep=1 the LM head runs on one position, not all
+    head = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     try:
         with torch.no_grad():
             chunks = list(torch.split(tokens, batch_size))
             for chunk in tqdm(chunks, desc="calibration forward", disable=not progress, leave=False):
-                model(input_ids=chunk.to(device), use_cache=False)
+                model(input_ids=chunk.to(device), use_cache=False, **head)
     finally:
         for h in handles:
             h.remove()
+    cache.layer_seconds = clock.seconds / n_layers
     watch.check()
     return cache
+
+
+class _LayerClock:
+    """Wall time from the first decoder layer's start to the last one's end, summed over batches
+    (the GPU synchronised at both ends): what one layer costs on the calibration tokens, for the
+    planning time estimate (:mod:`layerfold.methods.slm.estimate`)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds, self._start = device, 0.0, 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def start(self, *_args) -> None:
+        self._start = self._now()
+
+    def stop(self, *_args) -> None:
+        self.seconds += self._now() - self._start
 
 
 def _default_store(model: nn.Module, tokens: torch.Tensor, n_layers: int, limit_gib: float = 4.0) -> torch.device:
