@@ -1,12 +1,11 @@
-"""On the real SmolLM2-135M: the incremental SLM engine takes exactly the naive loop's
-decisions (deep copy, full forward, compare) at several thresholds, and the default method
-folds the middle of the network, not its last layers.
+"""On the real SmolLM2-135M: the incremental SLM engine takes exactly the decisions of a naive
+loop (deep copy, full forward, compare; tests/authors_loop.py) for the paper's loop and for the
+authors', and the default method folds the middle of the network, not its last layers.
 
 Calibration is cut to 2 windows of 32 tokens (book text) to keep this within CI's budget."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -16,12 +15,10 @@ from layerfold import api
 from layerfold.data.tokens import CalibrationConfig, sample_windows
 from layerfold.methods.base import Target
 
-pytestmark = pytest.mark.slow
+sys.path.insert(0, str(Path(__file__).parent))
+from authors_loop import sliding_loop  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("naive_slm", Path(__file__).parents[1] / "benchmarks" / "naive_slm.py")
-naive = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("naive_slm", naive)
-_spec.loader.exec_module(naive)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +29,21 @@ def smollm2():
 
 
 @pytest.mark.parametrize("threshold", [0.995, 0.98])
-def test_engine_matches_the_naive_loop_on_smollm2(smollm2, threshold):
+def test_slm_paper_matches_the_naive_papers_loop_on_smollm2(smollm2, threshold):
     loaded, tokens = smollm2
-    expected, candidates = naive.naive_slm(loaded.model, tokens, threshold, merge="diff")
+    loop = sliding_loop(loaded.model, tokens, threshold, "diff", authors=False)
     result = api.make_plan(loaded, "slm-paper", options={"threshold": threshold}, tokens=tokens, progress=False)
-    assert sorted(result.plan.windows()) == expected
-    assert result.plan.scores["candidates_evaluated"] == candidates
+    assert sorted(result.plan.windows()) == loop.windows
+    assert result.plan.scores["candidates_evaluated"] == loop.candidates
+
+
+def test_slm_reference_matches_the_authors_loop_on_smollm2(smollm2):
+    loaded, tokens = smollm2
+    loop = sliding_loop(loaded.model, tokens, 0.98, "reference", authors=True)
+    result = api.make_plan(loaded, "slm-reference", options={"threshold": 0.98}, tokens=tokens, progress=False)
+    assert sorted(result.plan.windows()) == loop.windows
+    assert all(hi < 29 for _, hi in loop.windows)  # the last layer is never merged
+    assert result.plan.scores["candidates_evaluated"] == loop.candidates
 
 
 def test_default_folds_the_middle_not_the_top(smollm2):
