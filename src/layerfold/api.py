@@ -151,7 +151,7 @@ def prune(model: LoadedModel | str | None = None, out: str | Path | None = None,
                  "README.md": model_card(report, loaded, command or command_line())}
         report.out = save_model(loaded.model, loaded.tokenizer, out, overwrite=overwrite, extra_files=extra,
                                 write_extra=lambda folder: save_plan(result, folder / "plan.json"),
-                                max_shard_size=max_shard_size)
+                                max_shard_size=max_shard_size, layers=loaded.arch.layer_list(loaded.model))
     return report
 
 

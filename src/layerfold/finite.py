@@ -45,13 +45,9 @@ def first_non_finite(module: nn.Module) -> tuple[str, str] | None:
     return None
 
 
-def decoder_layer_of(model: nn.Module, tensor_name: str) -> int | None:
-    """Index of the decoder layer holding the parameter ``tensor_name`` (found as module objects)."""
-    try:
-        from layerfold.models.arch import architecture_for
-
-        layers = architecture_for(model.config).layer_list(model)
-    except (LayerfoldError, AttributeError):
+def decoder_layer_of(model: nn.Module, tensor_name: str, layers: list[nn.Module] | None) -> int | None:
+    """Index of the decoder layer (among ``layers``, module objects) holding the parameter ``tensor_name``."""
+    if not layers:
         return None
     owner = dict(model.named_parameters()).get(tensor_name)
     if owner is None:
@@ -64,13 +60,14 @@ def decoder_layer_of(model: nn.Module, tensor_name: str) -> int | None:
     return None
 
 
-def check_finite_weights(model: nn.Module, context: str) -> None:
-    """Raise one line naming the first non-finite tensor (and its decoder layer)."""
+def check_finite_weights(model: nn.Module, context: str, layers: list[nn.Module] | None = None) -> None:
+    """Raise one line naming the first non-finite tensor (and its decoder layer, when the decoder
+    ``layers`` are given)."""
     bad = first_non_finite(model)
     if bad is None:
         return
     name, kind = bad
-    layer = decoder_layer_of(model, name)
+    layer = decoder_layer_of(model, name, layers)
     where = f" (decoder layer {layer})" if layer is not None else ""
     raise LayerfoldError(f"{context}: weight {name}{where} holds {kind} values; the model is broken "
                          "(a corrupt or overflowed checkpoint): fix or re-download it")

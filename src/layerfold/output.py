@@ -83,7 +83,7 @@ def _written_files(folder: Path) -> set[str] | None:
 
 
 def _write_marker(folder: Path) -> None:
-    from layerfold import __version__
+    from layerfold.version import __version__
 
     files = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if not f.is_dir())
     record = {"written_by": "layerfold", "version": __version__, "files": files}
@@ -96,19 +96,20 @@ DISK_MARGIN = 64 * 2**20  # bytes beyond the weights: tokenizer, config, card, p
 
 def save_model(model, tokenizer, out: str | Path, overwrite: bool = False,
                extra_files: dict[str, str] | None = None, write_extra=None,
-               max_shard_size: str | int = SHARD_SIZE) -> Path:
+               max_shard_size: str | int = SHARD_SIZE, layers=None) -> Path:
     """Save with ``save_pretrained`` into a temporary folder beside ``out``, then rename.
 
     The weights are written as safetensors shards of at most ``max_shard_size`` (with an index
     when there are several), one shard at a time from wherever the weights are (the CPU for a
     streamed model).  Nothing half-written is ever left at ``out``: a failure removes the
-    temporary folder.  Refused before anything is written: non-finite weights, too little free disk.
+    temporary folder.  Refused before anything is written: non-finite weights (named with their
+    decoder layer when the model's decoder ``layers`` are given), too little free disk.
     """
-    from layerfold.models.finite import check_finite_weights
+    from layerfold.finite import check_finite_weights
 
     out = Path(os.path.abspath(Path(out).expanduser()))
     check_out(out, overwrite)
-    check_finite_weights(model, f"refusing to write {out}")
+    check_finite_weights(model, f"refusing to write {out}", layers)
     check_free_disk(out, weight_bytes(model) + DISK_MARGIN)
 
     def write(tmp: Path) -> None:
@@ -348,7 +349,7 @@ def again_command(loaded) -> str:
     """The command that applies this folder's ``plan.json`` to the same source model, as it works
     when pasted in the output folder: no model argument for the embedded default (its name is
     not a hub id), an absolute path for a local folder, the hub id otherwise."""
-    from layerfold.models.default import DEFAULT_MODEL_NAME
+    from layerfold.assets import DEFAULT_MODEL_NAME
 
     if loaded.source == DEFAULT_MODEL_NAME:
         model = ""

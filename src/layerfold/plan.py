@@ -179,9 +179,9 @@ def library_versions() -> dict[str, str]:
     import torch
     import transformers
 
-    import layerfold
+    from layerfold.version import __version__
 
-    return {"layerfold": layerfold.__version__, "torch": torch.__version__,
+    return {"layerfold": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 

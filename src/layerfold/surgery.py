@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from layerfold.errors import LayerfoldError
+from layerfold.finite import check_finite_layers
 from layerfold.merge import build_fused_layer, scale_branches
 from layerfold.models.arch import Architecture, architecture_for, get_dotted, set_dotted
-from layerfold.models.finite import check_finite_layers
 from layerfold.plan import Plan, check_plan_matches
 
 FusedOverrides = dict[int, dict[str, torch.Tensor]]

@@ -13,11 +13,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from layerfold.assets import SMOLLM2, asset_dir, cache_dir
+from layerfold.assets import DEFAULT_MODEL_NAME, SMOLLM2, asset_dir, cache_dir
 from layerfold.errors import LayerfoldError
 from layerfold.output import save_model
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MARKER = "layerfold-source.json"

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from layerfold.errors import LayerfoldError, did_you_mean
+from layerfold.finite import check_finite_weights
 from layerfold.models.arch import Architecture, architecture_for
-from layerfold.models.finite import check_finite_weights
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -160,7 +160,7 @@ def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "floa
     if target_device is not None:
         model.to(target_device)
     _check_offload(model, label)
-    check_finite_weights(model, f"cannot use '{label}'")
+    check_finite_weights(model, f"cannot use '{label}'", arch.layer_list(model))
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, source=label, path=path)
 

@@ -46,7 +46,7 @@ def save_shrunk(loaded, out: str | Path, report: PruneReport, depth: PlanResult 
 
     overrides = depth is not None and bool(depth.overrides)
     return save_model(loaded.model, loaded.tokenizer, out, overwrite=overwrite, extra_files=extra,
-                      write_extra=write_overrides if overrides else None)
+                      write_extra=write_overrides if overrides else None, layers=loaded.arch.layer_list(loaded.model))
 
 
 def width_card(report: PruneReport, loaded, command: str) -> str:
