@@ -210,14 +210,16 @@ def text_file(tmp_path) -> Path:
     return path
 
 
-def assert_user_error(result: tuple[int, str, str], pattern: str) -> None:
-    """``run(...)``'s result is a user error: exit code 2 and one ``error:`` line holding ``pattern``."""
+def assert_user_error(result: tuple[int, str, str], pattern: str) -> str:
+    """``run(...)``'s result is a user error: exit code 2 and one ``error:`` line holding ``pattern``
+    (returned)."""
     code, out, err = result
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2, (out, err)
     assert len(errors) == 1, err
     assert pattern in errors[0], errors[0]
     assert "Traceback" not in err
+    return errors[0]
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_user_error
 
 from layerfold import output
 from layerfold.errors import LayerfoldError
@@ -25,23 +26,6 @@ from layerfold.output import MARKER, check_out, save_model
 
 TESTS = Path(__file__).parent
 CALIB = ["--ppl", "", "--calib-samples", "2", "--calib-seq-len", "16"]
-
-
-@pytest.fixture
-def text_file(tmp_path) -> Path:
-    path = tmp_path / "calib.txt"
-    path.write_text("The quick brown fox jumps over the lazy dog. " * 8)
-    return path
-
-
-def one_error_line(result, pattern: str) -> str:
-    code, out, err = result
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2, (out, err)
-    assert len(errors) == 1, err
-    assert pattern in errors[0], errors[0]
-    assert "Traceback" not in err
-    return errors[0]
 
 
 def leftovers(folder: Path, name: str) -> list[str]:
@@ -69,7 +53,7 @@ def test_overwrite_from_the_command_line_keeps_foreign_files(run, tmp_path, tiny
     (out / "notes.txt").write_text("mine")
     result = run("prune", tiny_model_dir("llama"), "--out", out, "--overwrite", "--target-layers", "4",
                  "--calib-source", text_file, *CALIB)
-    one_error_line(result, "not a folder layerfold wrote")
+    assert_user_error(result, "not a folder layerfold wrote")
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
@@ -219,7 +203,7 @@ def test_nan_model_is_refused_naming_the_tensor(run, nan_model_dir, tmp_path, te
     out = tmp_path / "out"
     result = run("prune", nan_model_dir, "--out", out, "--method", method, "--target-layers", "4",
                  "--calib-source", text_file, *CALIB)
-    line = one_error_line(result, "model.layers.2.mlp.down_proj.weight (decoder layer 2) holds NaN")
+    line = assert_user_error(result, "model.layers.2.mlp.down_proj.weight (decoder layer 2) holds NaN")
     assert "max_window" not in line
     assert not out.exists() and leftovers(tmp_path, "out") == []
 
@@ -287,7 +271,7 @@ def test_calibration_on_evaluation_text_is_refused(source):
 
 
 def test_calib_source_ptb_on_the_command_line(run, tiny_model_dir, tmp_path):
-    one_error_line(run("prune", tiny_model_dir("llama"), "--out", tmp_path / "out", "--calib-source", "ptb"),
+    assert_user_error(run("prune", tiny_model_dir("llama"), "--out", tmp_path / "out", "--calib-source", "ptb"),
                    "'ptb' is an evaluation set")
 
 
@@ -391,7 +375,7 @@ def test_missing_or_folder_calibration_source(tmp_path):
 def test_non_utf8_calibration_file_on_the_command_line(run, tiny_model_dir, tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("caf\u00e9 ".encode("latin-1") * 100)
-    one_error_line(run("prune", tiny_model_dir("llama"), "--out", tmp_path / "out", "--target-layers", "4",
+    assert_user_error(run("prune", tiny_model_dir("llama"), "--out", tmp_path / "out", "--target-layers", "4",
                        "--calib-source", path, *CALIB), "is not UTF-8 text")
 
 

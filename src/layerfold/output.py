@@ -313,42 +313,72 @@ class PruneReport:
 
 
 def model_card(report: PruneReport, loaded, command: str) -> str:
-    plan = report.plan
-    rows = "\n".join(f"| {s} | {before:.2f} | {report.perplexity_after.get(s, float('nan')):.2f} |"
-                     for s, before in report.perplexity_before.items())
+    """The one model card (README.md) of a pruned folder: what was removed (depth, width or both),
+    how to load it, the command that made it, the plans and how to apply them again, perplexity."""
+    kinds = [k for k, given in (("depth-pruning", report.plan is not None), ("width-pruning", report.width))
+             if given]
+    lines = ["---", "library_name: transformers", f"tags: [layerfold, {', '.join(kinds)}]", "---",
+             f"# {Path(str(loaded.source)).name} pruned by layerfold"
+             + (f" ({report.plan.method})" if report.plan is not None else ""), "",
+             f"Made with layerfold from `{loaded.source}`: {report.layers_before} -> {report.layers_after} decoder "
+             f"layers, {report.params_before:,} -> {report.params_after:,} parameters "
+             f"({1 - report.params_after / max(report.params_before, 1):.1%} removed). Load it with plain "
+             "transformers:", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+             'model = AutoModelForCausalLM.from_pretrained("<this folder>")', "```", "", "## How it was made", "",
+             f"    {command}", ""]
+    lines += _depth_lines(report.plan) + _width_lines(report.width) + _split_lines(report.depth_width)
+    lines += [f"The plans are data; in this folder, `{again_command(loaded, report)}` applies them again.", ""]
+    lines += _perplexity_lines(report)
+    return "\n".join(lines)
+
+
+def _depth_lines(plan) -> list[str]:
+    if plan is None:
+        return []
+    threshold = plan.threshold if plan.threshold is not None else "-"
+    return [plan.summary(), "", f"Criterion: {plan.criterion or '-'}; threshold: {threshold}; merge: "
+            f"{json.dumps(plan.merge) if plan.merge else '-'}; calibration: {json.dumps(plan.calibration)}. "
+            "The full plan is in `plan.json`.", ""]
+
+
+def _width_lines(width) -> list[str]:
+    if width is None:
+        return []
+    text = width.summary()
+    return [text[0].upper() + text[1:] + ". Every layer keeps the same number of MLP channels and heads (chosen "
+            "per layer by importance), because a transformers config holds one `intermediate_size` and one head "
+            "count; `head_dim` is written explicitly. The width plan is in `width_plan.json`.", ""]
+
+
+def _split_lines(dw: dict | None) -> list[str]:
+    """The depth/width split taken, and every candidate's held-out loss."""
+    if not dw:
+        return []
+    lines = [f"Budget: --param-ratio {dw['param_ratio']}, split {dw['split']} (share of the removed "
+             "parameters taken by depth).", ""]
+    if dw["candidates"]:
+        lines += ["| split | layers | parameters | held-out calibration NLL |", "|---|---|---|---|"]
+        for c in dw["candidates"]:
+            loss = c["error"] if c["error"] is not None else f"{c['heldout_nll']:.4f}"
+            lines.append(f"| {c['split']} | {c['layers']} | {c['params']} | {loss} |")
+        lines.append("")
+    return lines
+
+
+def _perplexity_lines(report: PruneReport) -> list[str]:
+    if not report.perplexity_before:
+        return []
     windows = "all" if report.ppl_windows is None else f"first {report.ppl_windows}"
-    ppl = (f"\n## Perplexity (128-token windows, {windows}, no BOS)\n\n| text | before | after |\n|---|---|---|\n"
-           f"{rows}\n") if rows else ""
-    return f"""---
-library_name: transformers
-tags: [layerfold, depth-pruning]
----
-# {Path(str(loaded.source)).name} pruned by layerfold ({plan.method})
-
-Made with layerfold from `{loaded.source}`: {report.layers_before} -> {report.layers_after}
-decoder layers, {report.params_before:,} -> {report.params_after:,} parameters. Load it with plain transformers:
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("<this folder>")
-```
-
-## How it was made
-
-    {command}
-
-{plan.summary()}
-
-Criterion: {plan.criterion or '-'}; threshold: {plan.threshold if plan.threshold is not None else '-'};
-merge: {json.dumps(plan.merge) if plan.merge else '-'}; calibration: {json.dumps(plan.calibration)}.
-The full plan is in `plan.json`; in this folder, `{again_command(loaded)}` applies it again.
-{ppl}"""
+    lines = [f"## Perplexity (128-token windows, {windows}, no BOS)", "", "| text | before | after |", "|---|---|---|"]
+    lines += [f"| {s} | {before:.2f} | {report.perplexity_after.get(s, float('nan')):.2f} |"
+              for s, before in report.perplexity_before.items()]
+    return [*lines, ""]
 
 
-def again_command(loaded) -> str:
-    """The command that applies this folder's ``plan.json`` to the same source model, as it works
-    when pasted in the output folder: no model argument for the embedded default (its name is
-    not a hub id), an absolute path for a local folder, the hub id otherwise."""
+def again_command(loaded, report: PruneReport | None = None) -> str:
+    """The command that applies this folder's plans (``plan.json``, ``width_plan.json``) to the same
+    source model, as it works when pasted in the output folder: no model argument for the embedded
+    default (its name is not a hub id), an absolute path for a local folder, the hub id otherwise."""
     from layerfold.assets import DEFAULT_MODEL_NAME
 
     if loaded.source == DEFAULT_MODEL_NAME:
@@ -357,4 +387,8 @@ def again_command(loaded) -> str:
         model = shlex.quote(os.path.abspath(str(loaded.path))) + " "
     else:
         model = shlex.quote(str(loaded.source)) + " "
+    if report is not None and report.width is not None:
+        if report.plan is None:
+            return f"layerfold shrink {model}--plan width_plan.json --out pruned"
+        return f"layerfold prune {model}--plan plan.json --width-plan width_plan.json --out pruned"
     return f"layerfold prune {model}--plan plan.json --out pruned"

@@ -138,12 +138,12 @@ def load_for_bench(name: str | None, dtype: str = "bfloat16", device: str = "aut
 
     label, path = resolve_source(name)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except OSError as exc:
         raise LayerfoldError(f"cannot load model '{label}': {str(exc).splitlines()[0]}") from exc
     architecture_for(config)
     target = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), trust_remote_code=False)
     return label, model.to(target).eval()
 
 
