@@ -205,3 +205,29 @@ def print_split(console, dw: dict) -> None:
     for cand in dw["candidates"]:
         loss = f"{cand['heldout_nll']:.4f}" if cand["heldout_nll"] is not None else cand["error"]
         console.print(f"  split {cand['split']}: layers {cand['layers']}, held-out calibration NLL {loss}")
+
+
+def print_report(report) -> None:
+    """What a prune or shrink did: its plans, the split, layers, parameters and perplexity before and after."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if report.plan is not None:
+        console.print(report.plan.summary())
+    if report.width is not None:
+        console.print(report.width.summary())
+    if report.depth_width:
+        print_split(console, report.depth_width)
+    table = Table(show_header=True)
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_row("decoder layers", str(report.layers_before), str(report.layers_after))
+    table.add_row("parameters", f"{report.params_before:,}", f"{report.params_after:,}")
+    for source, value in report.perplexity_before.items():
+        table.add_row(f"{source} perplexity (128 tok)", f"{value:.2f}", f"{report.perplexity_after[source]:.2f}")
+    console.print(table)
+    if report.out is not None:
+        console.print(f"saved to {report.out}  ({report.seconds:.1f} s)")
+

@@ -12,7 +12,7 @@ from layerfold.cli.options import (
     ModelArg,
     Placement,
     Planning,
-    print_split,
+    print_report,
     refuse_beside_plan,
     split_list,
     with_groups,
@@ -90,28 +90,4 @@ def prune(
     report = api.prune(loaded, out, method=method, target=target, calibration=calib, options=options,
                        plan=plan, overwrite=overwrite, ppl=split_list(ppl), ppl_windows=ppl_windows, width=widths,
                        force=force, **stream_kw)
-    _print_report(report)
-
-
-def _print_report(report) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    if report.plan is not None:
-        console.print(report.plan.summary())
-    if getattr(report, "width", None) is not None:
-        console.print(report.width.summary())
-    if getattr(report, "depth_width", None):
-        print_split(console, report.depth_width)
-    table = Table(show_header=True)
-    table.add_column("")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    table.add_row("decoder layers", str(report.layers_before), str(report.layers_after))
-    table.add_row("parameters", f"{report.params_before:,}", f"{report.params_after:,}")
-    for source, value in report.perplexity_before.items():
-        table.add_row(f"{source} perplexity (128 tok)", f"{value:.2f}", f"{report.perplexity_after[source]:.2f}")
-    console.print(table)
-    if report.out is not None:
-        console.print(f"saved to {report.out}  ({report.seconds:.1f} s)")
+    print_report(report)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from layerfold.cli.options import CalibSamples, CalibSeqLen, CalibSource, Sampling, Seed, print_split
+from layerfold.cli.options import CalibSamples, CalibSeqLen, CalibSource, Sampling, Seed, print_report
 from layerfold.errors import LayerfoldError
 
 Opt = typer.Option
@@ -78,24 +78,4 @@ def shrink(
     report = prune_with_width(loaded, out, request, method=method if depth else None,
                               target=Target(param_ratio=param_ratio) if depth else None, calibration=calib,
                               options=options, overwrite=overwrite, ppl=split_list(ppl), ppl_windows=ppl_windows)
-    _print(report)
-
-
-def _print(report) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    if report.plan is not None:
-        console.print(report.plan.summary())
-    if report.width is not None:
-        console.print(report.width.summary())
-    if report.depth_width:
-        print_split(console, report.depth_width)
-    table = Table("", "before", "after")
-    table.add_row("decoder layers", str(report.layers_before), str(report.layers_after))
-    table.add_row("parameters", f"{report.params_before:,}", f"{report.params_after:,}")
-    for source, value in report.perplexity_before.items():
-        table.add_row(f"{source} perplexity (128 tok)", f"{value:.2f}", f"{report.perplexity_after[source]:.2f}")
-    console.print(table)
-    console.print(f"saved to {report.out}")
+    print_report(report)
