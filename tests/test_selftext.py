@@ -234,3 +234,10 @@ def test_cli_heals_with_self_written_text(tokenizer, tmp_path):
     assert record["steps"] == 2 and record["train"] == "layers" and record["data"]["spec"] == "self"
     bad = CliRunner().invoke(app, args[:-1] + ["0"])  # checked before any model is loaded
     assert isinstance(bad.exception, LayerfoldError) and "self_text.batch" in str(bad.exception)
+
+
+def test_self_text_trains_the_layers_unless_told_otherwise():
+    chosen = make_config(data="self")
+    assert (chosen.train, chosen.lr, chosen.mode) == ("layers", 2e-4, "layers+distill")
+    assert (make_config().train, make_config().lr) == ("lora", 1e-4)
+    assert make_config(data="self", train="lora", lr=1e-3).lr == 1e-3

@@ -26,8 +26,9 @@ def heal(
                                   "dataset needed), books (default; LAMBADA calibration half), ptb-train, a .txt "
                                   "or .jsonl file, hf:NAME[:CONFIG]:SPLIT; comma-separated to join. "
                                   "Evaluation sets are refused.")] = "books",
-    train: Annotated[str, Opt(help="What trains: lora (adapters, merged back) or layers (every weight of the "
-                                   "decoder layers the plan kept or fused).")] = "lora",
+    train: Annotated[str | None, Opt(help="What trains: lora (adapters, merged back) or layers (every weight of "
+                                          "the decoder layers the plan kept or fused). Default: layers with "
+                                          "--data self, lora otherwise.")] = None,
     distill: Annotated[str | None, Opt(help="Distil from this teacher (the original model; 'default' = the "
                                             "embedded SmolLM2) instead of the plain next-token loss. With --data "
                                             "self: the model named by plan.json unless given.")] = None,
@@ -39,7 +40,8 @@ def heal(
     rank: Annotated[int, Opt(help="LoRA rank.")] = 8,
     alpha: Annotated[float, Opt(help="LoRA alpha.")] = 16.0,
     dropout: Annotated[float, Opt(help="LoRA dropout.")] = 0.05,
-    lr: Annotated[float, Opt(help="Peak learning rate (AdamW, warm-up then linear decay).")] = 1e-4,
+    lr: Annotated[float | None, Opt(help="Peak learning rate (AdamW, warm-up then linear decay). Default: 1e-4 "
+                                         "for lora, 2e-4 for layers.")] = None,
     epochs: Annotated[float, Opt(help="Passes over the data (ignored when a step or token budget is given).")] = 2.0,
     cutoff: Annotated[int, Opt(help="Tokens per training block.")] = 256,
     batch_size: Annotated[int, Opt(help="Blocks per micro-batch, per process.")] = 4,

@@ -1,8 +1,9 @@
-"""Resumable healing: adapter weights, optimizer, scheduler, step and RNG state.
+"""Resumable healing: the trained weights, optimizer, scheduler, step and RNG state.
 
 A checkpoint is a folder ``step-NNNNNN`` inside ``<out>.partial-checkpoints/``; only the
-adapters are saved (not the frozen base weights), so a checkpoint of a 7B model is a few
-tens of megabytes.  Each is written under a temporary name and renamed when complete, and
+trained weights are saved (the LoRA adapters, or with ``train="layers"`` the decoder layers),
+never the frozen ones, so a LoRA checkpoint of a 7B model is a few tens of megabytes.
+Each is written under a temporary name and renamed when complete, and
 older ones are removed after a new one lands, so an interruption at any moment leaves a
 usable checkpoint (or none).  Each process saves its own RNG state.
 """
@@ -96,7 +97,7 @@ def load_checkpoint(path: Path, accelerator, adapters: dict[str, torch.Tensor], 
                              "options, or pass --overwrite to start again")
     saved = load_file(str(path / "adapters.safetensors"))
     if set(saved) != set(adapters):
-        raise LayerfoldError(f"cannot resume from {path}: its adapters do not match this model's")
+        raise LayerfoldError(f"cannot resume from {path}: its trained weights do not match this model's")
     with torch.no_grad():
         for name, param in adapters.items():
             param.copy_(saved[name].to(param.dtype))

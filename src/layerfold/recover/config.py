@@ -30,8 +30,9 @@ class HealConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     data: str = "books"
-    # what trains: LoRA adapters (merged back), or every weight of the decoder layers the plan kept or fused
-    train: Literal["lora", "layers"] = "lora"
+    # what trains: LoRA adapters (merged back), or every weight of the decoder layers the plan kept or fused;
+    # None: layers for self-written text (what benchmarks/recovery measured), LoRA otherwise
+    train: Literal["lora", "layers"] | None = None
     # --data self: the recipe of the text the teacher writes, and how many tokens of it (None: the token budget)
     self_text: SelfTextRecipe = Field(default_factory=SelfTextRecipe)
     self_tokens: int | None = Field(None, ge=1)
@@ -41,7 +42,7 @@ class HealConfig(BaseModel):
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    lr: float = Field(1e-4, gt=0)
+    lr: float | None = Field(None, gt=0)  # None: 1e-4 for LoRA (LLM-Pruner's), 2e-4 for the layers
     epochs: float = Field(2.0, gt=0)
     cutoff: int = Field(256, ge=2)
     batch_size: int = Field(4, ge=1)
@@ -67,6 +68,10 @@ class HealConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> HealConfig:
+        if self.train is None:
+            self.train = "layers" if self.self_written else "lora"
+        if self.lr is None:
+            self.lr = 2e-4 if self.train == "layers" else 1e-4
         if self.max_steps is not None and self.max_tokens is not None:
             raise ValueError("give only one of max_steps and max_tokens")
         if self.distill is None and not self.self_written and (self.hidden_weight > 0 or self.ce_weight > 0):
