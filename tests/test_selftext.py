@@ -241,3 +241,20 @@ def test_self_text_trains_the_layers_unless_told_otherwise():
     assert (chosen.train, chosen.lr, chosen.mode) == ("layers", 2e-4, "layers+distill")
     assert (make_config().train, make_config().lr) == ("lora", 1e-4)
     assert make_config(data="self", train="lora", lr=1e-3).lr == 1e-3
+
+
+def test_the_original_model_is_read_from_plan_json(tmp_path):
+    from layerfold.models.default import DEFAULT_MODEL_NAME
+    from layerfold.recover.heal import original_model
+
+    def folder_with(model: str):
+        folder = tmp_path / f"pruned-{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        Plan(method="test", num_layers=3, operations=[Operation("drop", 1, 1)], model=model).save(folder / "plan.json")
+        return str(folder)
+
+    assert original_model(folder_with(DEFAULT_MODEL_NAME)) == "default"
+    assert original_model(folder_with("HuggingFaceTB/SmolLM2-135M")) == "HuggingFaceTB/SmolLM2-135M"
+    assert original_model(folder_with(str(tmp_path))) == str(tmp_path)
+    with pytest.raises(LayerfoldError, match="not found"):
+        original_model(folder_with("/gone/model"))
