@@ -13,9 +13,10 @@ budget:
 Perplexity (every non-overlapping 128-token window, no BOS) on WikiText-2, PTB and LAMBADA for
 the dense, pruned and healed models; one row per model in ``results.jsonl`` (appended as each
 finishes, with commit, date, machine and command). ``--save-dir`` keeps the healed models of the
-largest budget for ``zeroshot.py``.  ``report.py`` writes RESULTS.md and the plot from the rows.
+largest budget (for zero-shot scoring with ``layerfold eval``).  ``report.py`` writes RESULTS.md and the
+plot from the rows.
 
-On the GPU (the job list in ``benchmarks/jobs/recovery.txt``)::
+On the GPU (the job list is ``jobs.txt`` beside this file)::
 
     python benchmarks/recovery/run.py --device cuda --budgets 2000000,8000000 --results $HOME/lf/out/recovery.jsonl
 
