@@ -63,7 +63,7 @@ PY
   ;;
 launch)
   snap=$LF/repo-$(date +%s)
-  mkdir -p "$snap" && cp -r benchmarks src "$snap/"
+  mkdir -p "$snap" && cp -r benchmarks src tools "$snap/"
   env_vars "$snap"
   name=$(basename "$2" .txt)
   cp "$2" "$LF/out/$name.jobs"
