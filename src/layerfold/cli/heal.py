@@ -5,12 +5,12 @@ folder's plan.json) writes the healing text and is the teacher."""
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from layerfold.output import command_line
 
 Opt = typer.Option
 
@@ -90,7 +90,7 @@ def heal(
                          eval_sources=tuple(s.strip() for s in eval_.split(",") if s.strip()))
     if out is None:
         out = Path(f"{pruned.rstrip('/')}-healed")
-    command = "layerfold " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command_line()
     report = run_heal(pruned, out, config, resume=resume, overwrite=overwrite, dtype=dtype, device=device,
                       command=command)
     if report.out is not None:  # main process only
