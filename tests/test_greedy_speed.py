@@ -71,7 +71,7 @@ def engine_for(model, criterion: str = "output-cosine", merge: str = "base", bat
 def test_fast_fold_takes_the_reference_decisions(criterion, seed):
     engine = engine_for(similar_llama(seed=seed), criterion)
     budget = engine.num_layers - 2
-    got, expected = greedy_fold(engine, budget, progress=False), reference_greedy(engine, budget)
+    got, expected = greedy_fold(engine, budget, progress=False, shortlist=None), reference_greedy(engine, budget)
     assert got.windows == expected.windows
     assert got.scores == expected.scores  # bit for bit: the same layer calls on the same states
 
@@ -79,7 +79,7 @@ def test_fast_fold_takes_the_reference_decisions(criterion, seed):
 @pytest.mark.parametrize("name", ["gemma3", "gpt2", "opt", "qwen2"])
 def test_fast_fold_matches_the_reference_on_other_architectures(tiny_model, name):
     engine = engine_for(tiny_model(name))
-    got, expected = greedy_fold(engine, 4, progress=False), reference_greedy(engine, 4)
+    got, expected = greedy_fold(engine, 4, progress=False, shortlist=None), reference_greedy(engine, 4)
     assert got.windows == expected.windows and got.scores == expected.scores
 
 
@@ -93,10 +93,34 @@ def test_other_merges_keep_the_fusing_fold():
 def test_observe_reports_every_candidate_and_the_choice():
     engine = engine_for(similar_llama(layers=8))
     steps = []
-    run = greedy_fold(engine, 3, progress=False, observe=steps.append)
+    run = greedy_fold(engine, 3, progress=False, shortlist=None, observe=steps.append)
     assert len(steps) == 3
     for step in steps:
         assert sorted(step.scores) == list(range(len(step.segments) - 1))
         assert step.chosen == max(step.scores, key=step.scores.get)
         assert len(step.entering) == len(step.segments) + 1
     assert sum(hi - lo for lo, hi in run.windows) == 3
+
+
+def test_shortlist_scores_its_pairs_exactly_and_keeps_the_best_of_them():
+    """With a shortlist, each step scores only its pairs, each exactly as the full fold would, and
+    takes the best of them; a shortlist that covers every pair is the full fold."""
+    from layerfold.methods.slm.greedy import Shortlist
+
+    engine = engine_for(similar_llama(layers=12, seed=3))
+    steps = []
+    small = Shortlist(by_score=1, by_influence=1, first_step=2)
+    greedy_fold(engine, 4, progress=False, shortlist=small, observe=steps.append)
+    assert len(steps[0].scores) == 2 and all(len(step.scores) <= 2 for step in steps[1:])
+    for step in steps:
+        assert step.chosen == max(step.scores, key=step.scores.get)
+        full = []  # each pair scored as the reference fold does: its window fused, run with all above
+        for k in step.scores:
+            window = (step.segments[k][0], step.segments[k + 1][1])
+            modules = [(engine.candidate(window), window[0])]
+            modules += [(engine.module_of(seg), seg[0]) for seg in step.segments[k + 2:]]
+            outs = engine.cache.run(window[0], modules, hidden=step.entering[k], final_norm=True)
+            full.append(engine.score_output(outs))
+        assert full == [step.scores[k] for k in step.scores]
+    wide = Shortlist(by_score=12, by_influence=12, first_step=12)
+    assert greedy_fold(engine, 5, progress=False, shortlist=wide).windows == reference_greedy(engine, 5).windows

@@ -19,8 +19,40 @@ from tqdm.auto import tqdm
 
 from layerfold.errors import LayerfoldError
 from layerfold.methods.slm.engine import SlmEngine, SlmRun, Window
+from layerfold.similarity import cosine
 
 Hidden = list[torch.Tensor]  # one tensor per calibration batch
+
+
+@dataclass(frozen=True)
+class Shortlist:
+    """Which candidate pairs a step of the fold scores (merge=base): the pairs never scored
+    before that hold the window the last step formed (at most two), the ``by_score`` best by the
+    score each had at the last step that scored it, and the ``by_influence`` whose removed segment
+    has the lowest block influence in the current folded model (1 - mean token cosine between the
+    state entering it and the state leaving it; ``first_step`` of them at the first step, when no
+    pair has a score yet).  The pair chosen is the best of those scored, by the criterion itself;
+    the full fold (``shortlist=None``) scores every pair."""
+
+    by_score: int = 3
+    by_influence: int = 3
+    first_step: int = 6
+
+    def pairs(self, segments: list[Window], entering: list[Hidden], last: dict[tuple[Window, Window], float],
+              formed: Window | None) -> list[int]:
+        """The pairs to score, in increasing order (so that ties go to the lowest, as in the full
+        fold); ``formed`` is the window the last step formed."""
+        pairs = [(segments[k], segments[k + 1]) for k in range(len(segments) - 1)]
+        influence = [1.0 - cosine(torch.cat(entering[k + 1]), torch.cat(entering[k + 2])) for k in range(len(pairs))]
+        count = self.by_influence if last else self.first_step
+        chosen = set(sorted(range(len(pairs)), key=lambda k: (influence[k], k))[:count])
+        known = [k for k, pair in enumerate(pairs) if pair in last]
+        chosen |= set(sorted(known, key=lambda k: (-last[pairs[k]], k))[: self.by_score])
+        chosen |= {k for k, pair in enumerate(pairs) if formed in pair}  # the only pairs new to this step
+        return sorted(chosen)
+
+
+DEFAULT_SHORTLIST = Shortlist()
 
 
 @dataclass
@@ -38,19 +70,21 @@ class GreedyStep:
 
 
 def greedy_fold(engine: SlmEngine, budget: int, progress: bool = True,
+                shortlist: Shortlist | None = DEFAULT_SHORTLIST,
                 observe: Callable[[GreedyStep], None] | None = None) -> SlmRun:
     """Fold adjacent segments one pair at a time, each time the pair whose fused layer
     keeps the whole model's output closest to the original (the criterion on final states).
 
-    ``observe`` is called after each step with its :class:`GreedyStep` (merge=base only)."""
+    With merge=base, each step scores the pairs of ``shortlist`` (None: every pair);
+    ``observe`` is then called after each step with its :class:`GreedyStep`."""
     if engine.criterion not in ("output-cosine", "loss"):
         raise LayerfoldError("greedy selection scores the model's output: use criterion output-cosine or loss")
     if engine.num_layers > 1 and engine.candidate((0, 1)) is engine.cache.layers[0]:
-        return _fold_removing(engine, budget, progress, observe)
+        return _fold_removing(engine, budget, progress, shortlist, observe)
     return _fold_fusing(engine, budget, progress)
 
 
-def _fold_removing(engine: SlmEngine, budget: int, progress: bool,
+def _fold_removing(engine: SlmEngine, budget: int, progress: bool, shortlist: Shortlist | None,
                    observe: Callable[[GreedyStep], None] | None) -> SlmRun:
     """The fold when a window's fused layer is its base layer: each candidate removes one segment's
     layer; it runs only the segments above the one it removes."""
@@ -58,11 +92,14 @@ def _fold_removing(engine: SlmEngine, budget: int, progress: bool,
     segments: list[Window] = [(i, i) for i in range(engine.num_layers)]
     entering: list[Hidden] = list(cache.inputs[: engine.num_layers + 1])  # entering[-1]: the output
     scores: dict[Window, float] = {}
+    last: dict[tuple[Window, Window], float] = {}  # each pair's score when it was last scored
+    formed: Window | None = None  # the window the last step formed
     for _ in tqdm(range(budget), desc="folding", disable=not progress, leave=False):
         best: tuple[float, int, list[Hidden]] | None = None
         seen: dict[int, float] = {}
         per_sample: dict[int, list[float]] = {}
-        for k in range(len(segments) - 1):
+        pairs = range(len(segments) - 1) if shortlist is None else shortlist.pairs(segments, entering, last, formed)
+        for k in pairs:
             states = _run_segments(engine, segments, k + 2, entering[k + 1])
             final = _final(engine, states[-1])
             score = seen[k] = engine.score_output(final)
@@ -72,9 +109,10 @@ def _fold_removing(engine: SlmEngine, budget: int, progress: bool,
             if best is None or score > best[0]:
                 best = (score, k, states)
         score, k, states = best
+        last.update({(segments[j], segments[j + 1]): value for j, value in seen.items()})
         if observe is not None:
             observe(GreedyStep(list(segments), list(entering), seen, per_sample, k))
-        window = (segments[k][0], segments[k + 1][1])
+        window = formed = (segments[k][0], segments[k + 1][1])
         segments[k:k + 2] = [window]
         entering[k + 1:] = states  # the winner ran every segment above the new window
         scores = {w: s for w, s in scores.items() if not (window[0] <= w[0] <= window[1])}

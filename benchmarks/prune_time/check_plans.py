@@ -1,0 +1,121 @@
+"""Same plans before and after the speed-up: the evidence that the fast default decides as before.
+
+    python benchmarks/prune_time/check_plans.py plan --model smollm2 --ratio 0.2 --out a.json
+    python benchmarks/prune_time/check_plans.py compare a.json b.json
+    python benchmarks/prune_time/check_plans.py trace --model smollm2 --ratio 0.35 --out trace.jsonl
+
+``plan`` makes the default ``slm`` plan (float32, CPU, the default calibration: 10 x 128 book
+tokens, seed 1234) and writes what decides it: the windows, every channel factor as the plan
+stores it (six decimals), the portfolio's candidates and scores, and the greedy fold's windows.
+Run it with two versions of the package (``PYTHONPATH=<copy>/src``) and ``compare`` the files.
+
+``trace`` runs the greedy fold scoring every candidate at every step and records, per step, each
+candidate's exact score, its rank by the shortlist's proxy and the pair chosen: the margin by
+which the shortlist contains the winner.  ``--model`` is ``smollm2`` (the embedded model) or
+a model folder (e.g. Gemma-3-270M converted from its GGUF wheels, see /work/shared/ASSETS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def load(name: str):
+    from layerfold import api
+
+    return api.load_model(None if name == "smollm2" else name, dtype="float32", device="cpu")
+
+
+def plan(args) -> None:
+    from layerfold import api
+    from layerfold.methods.base import Target
+
+    loaded = load(args.model)
+    start = time.perf_counter()
+    result = api.make_plan(loaded, "slm", Target(ratio=args.ratio), progress=False)
+    seconds = time.perf_counter() - start
+    scores = result.plan.scores
+    record = {"model": args.model, "ratio": args.ratio, "planning_seconds": round(seconds, 1),
+              "windows": [list(w) for w in result.plan.windows()],
+              "channel_scale": {f"{op.lo}-{op.hi}": op.detail.get("channel_scale") for op in result.plan.operations},
+              "portfolio": scores.get("portfolio"), "portfolio_removed": scores.get("portfolio_removed"),
+              "pick": scores.get("portfolio_pick")}
+    Path(args.out).write_text(json.dumps(record))
+    print(json.dumps({k: record[k] for k in ("model", "ratio", "planning_seconds", "windows", "pick")}))
+
+
+def compare(args) -> None:
+    a, b = (json.loads(Path(p).read_text()) for p in (args.a, args.b))
+    same = {key: a[key] == b[key] for key in ("windows", "channel_scale", "portfolio_removed", "pick")}
+    close = all(abs(a["portfolio"][k] - b["portfolio"][k]) <= 1e-9 for k in a["portfolio"]) if a["portfolio"] else True
+    print(json.dumps({"same": same, "portfolio_scores_within_1e-9": close}))
+    sys.exit(0 if all(same.values()) else 1)
+
+
+def influence(entering, k: int) -> float:
+    """Block influence of segment ``k + 1`` in the current folded model: 1 - mean token cosine of
+    the state entering it and the state leaving it."""
+    import torch
+
+    a = torch.cat([h.double() for h in entering[k + 1]]).flatten(0, -2)
+    b = torch.cat([h.double() for h in entering[k + 2]]).flatten(0, -2)
+    return float(1 - torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
+
+
+def trace(args) -> None:
+    from layerfold.calibrate import capture
+    from layerfold.data.tokens import CalibrationConfig, sample_windows
+    from layerfold.methods.base import Target
+    from layerfold.methods.slm import SlmEngine, greedy_fold
+    from layerfold.models.arch import layer_parameter_count
+
+    loaded = load(args.model)
+    calibration = CalibrationConfig()
+    tokens = sample_windows(loaded.tokenizer, calibration)
+    layers = loaded.arch.layer_list(loaded.model)
+    budget = Target(ratio=args.ratio).layers_to_remove(loaded.model, len(layers), layer_parameter_count(layers[0]))
+    cache = capture(loaded.model, loaded.arch, tokens, batch_size=calibration.batch_size, progress=False)
+    engine = SlmEngine(cache, "output-cosine", "base", "base")
+    rows = []
+
+    def observe(step) -> None:
+        proxy = [influence(step.entering, k) for k in range(len(step.segments) - 1)]
+        order = sorted(step.scores, key=lambda k: -step.scores[k])
+        by_proxy = sorted(range(len(proxy)), key=lambda k: proxy[k])
+        rows.append({"segments": step.segments, "scores": [step.scores[k] for k in sorted(step.scores)],
+                     "sample_cosines": [step.sample_cosines[k] for k in sorted(step.scores)],
+                     "influence": proxy, "chosen": step.chosen, "rank_by_influence": by_proxy.index(step.chosen),
+                     "runner_up_gap": step.scores[order[0]] - step.scores[order[1]] if len(order) > 1 else None})
+        print(f"step {len(rows)}: chose {step.chosen} ({step.segments[step.chosen + 1]}), rank by influence "
+              f"{rows[-1]['rank_by_influence']}", flush=True)
+
+    start = time.perf_counter()
+    run = greedy_fold(engine, budget, progress=False, observe=observe)
+    record = {"kind": "trace", "model": args.model, "ratio": args.ratio, "budget": budget,
+              "windows": [list(w) for w in run.windows], "seconds": round(time.perf_counter() - start, 1),
+              "steps": rows}
+    with Path(args.out).open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="mode", required=True)
+    for name in ("plan", "trace"):
+        p = sub.add_parser(name)
+        p.add_argument("--model", default="smollm2")
+        p.add_argument("--ratio", type=float, default=0.2)
+        p.add_argument("--out", required=True)
+    p = sub.add_parser("compare")
+    p.add_argument("a")
+    p.add_argument("b")
+    args = parser.parse_args()
+    {"plan": plan, "compare": compare, "trace": trace}[args.mode](args)
+
+
+if __name__ == "__main__":
+    main()
