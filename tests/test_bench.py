@@ -227,7 +227,8 @@ def test_measure_models_graph_compiled_rows(monkeypatch):
     for (_mode, name), row in rows.items():
         assert row["x_floor"] > 0 and row["decode_s"] > 0
         assert (row["decode_share_of_ideal"] is None) == (name == "dense")
-    spec = importlib.util.spec_from_file_location("speed_bench", Path(__file__).parents[1] / "benchmarks" / "speed.py")
+    script = Path(__file__).parents[1] / "benchmarks" / "speed" / "run.py"
+    spec = importlib.util.spec_from_file_location("speed_bench", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     text = bench.inference_markdown({**results, "shape": {"name": "tiny", "dtype": "float32"}})
