@@ -71,6 +71,7 @@ def trace(args) -> None:
     from layerfold.data.tokens import CalibrationConfig, sample_windows
     from layerfold.methods.base import Target
     from layerfold.methods.slm import SlmEngine, greedy_fold
+    from layerfold.methods.slm.greedy import DEFAULT_SHORTLIST
     from layerfold.models.arch import layer_parameter_count
 
     loaded = load(args.model)
@@ -86,20 +87,27 @@ def trace(args) -> None:
         proxy = [influence(step.entering, k) for k in range(len(step.segments) - 1)]
         order = sorted(step.scores, key=lambda k: -step.scores[k])
         by_proxy = sorted(range(len(proxy)), key=lambda k: proxy[k])
-        rows.append({"segments": step.segments, "scores": [step.scores[k] for k in sorted(step.scores)],
+        rows.append({"segments": step.segments, "scored": sorted(step.scores),
+                     "scores": [step.scores[k] for k in sorted(step.scores)],
                      "sample_cosines": [step.sample_cosines[k] for k in sorted(step.scores)],
                      "influence": proxy, "chosen": step.chosen, "rank_by_influence": by_proxy.index(step.chosen),
                      "runner_up_gap": step.scores[order[0]] - step.scores[order[1]] if len(order) > 1 else None})
-        print(f"step {len(rows)}: chose {step.chosen} ({step.segments[step.chosen + 1]}), rank by influence "
-              f"{rows[-1]['rank_by_influence']}", flush=True)
+        window = (step.segments[step.chosen][0], step.segments[step.chosen + 1][1])
+        print(f"step {len(rows)}: chose pair {step.chosen}, window {window}, rank by influence "
+              f"{rows[-1]['rank_by_influence']}, {time.perf_counter() - start:.0f} s", flush=True)
+        with Path(args.out).open("a") as fh:  # step by step: a run cut short keeps its steps
+            fh.write(json.dumps({"kind": "step", "model": args.model, "shortlist": args.shortlist,
+                                 "step": len(rows), **rows[-1]}) + "\n")
 
     start = time.perf_counter()
-    run = greedy_fold(engine, budget, progress=False, observe=observe)
+    shortlist = DEFAULT_SHORTLIST if args.shortlist else None
+    run = greedy_fold(engine, budget, progress=False, shortlist=shortlist, observe=observe)
     record = {"kind": "trace", "model": args.model, "ratio": args.ratio, "budget": budget,
-              "windows": [list(w) for w in run.windows], "seconds": round(time.perf_counter() - start, 1),
-              "steps": rows}
+              "shortlist": args.shortlist, "windows": [list(w) for w in run.windows],
+              "seconds": round(time.perf_counter() - start, 1), "evaluated": engine.evaluated}
     with Path(args.out).open("a") as fh:
         fh.write(json.dumps(record) + "\n")
+    print(json.dumps(record))
 
 
 def main() -> None:
@@ -110,6 +118,8 @@ def main() -> None:
         p.add_argument("--model", default="smollm2")
         p.add_argument("--ratio", type=float, default=0.2)
         p.add_argument("--out", required=True)
+        if name == "trace":
+            p.add_argument("--shortlist", action="store_true", help="the default shortlist (else every pair)")
     p = sub.add_parser("compare")
     p.add_argument("a")
     p.add_argument("b")

@@ -323,14 +323,20 @@ def write_report() -> None:
     gpu_rows = [r for r in rows if r["kind"] == "gpu"]
     if gpu_rows:
         lines += ["## GPU: the default's plan of a random model of a real shape", "",
-                  "| row | shape | ratio | plan seconds (min / median) | peak / weights | windows | commit | date | "
-                  "machine |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| row | shape | ratio | plan seconds (min / median) | estimate | peak / weights | windows | commit "
+                  "| date | machine |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in gpu_rows:
             for ratio, p in r["plans"].items():
                 lines.append(f"| {r['label']} | {r['shape']} ({r['weights_gib']} GiB bf16) | {float(ratio):.0%} | "
-                             f"{p['seconds']['min']:.2f} / {p['seconds']['median']:.2f} | {p['peak_over_weights']:.2f}"
+                             f"{p['seconds']['min']:.2f} / {p['seconds']['median']:.2f} | "
+                             f"{'' if p.get('estimate') is None else format(p['estimate'], '.1f')} | "
+                             f"{p['peak_over_weights']:.2f}"
                              f" | {p['windows']} | {r['commit'][:12]} | {r['date']} | {r['machine']['gpu']} |")
-        lines += ["", "Commands:", ""] + [f"    {r['command']}" for r in gpu_rows] + [""]
+        lines += ["", "Random bf16 weights from the shape, 10 x 128 random calibration token ids, "
+                  "`api.make_plan(loaded, 'slm', Target(ratio=...))` timed from the call to its return (the GPU "
+                  "synchronised); peak: `torch.cuda.max_memory_allocated()` over the weights' bytes. A row of another "
+                  "commit ran with `PYTHONPATH` on a `git archive` of that commit's `src`. Commands:", ""]
+        lines += [f"    {r['command']}" for r in gpu_rows] + [""]
     REPORT.write_text("\n".join(lines))
 
 
