@@ -57,8 +57,8 @@ def test_parse_memory_refuses_zero():
 
 
 @pytest.mark.parametrize("method, options", [("slm", None), ("shortgpt", None), ("sleb", None),
-                                             ("slm", {"fit": "ridge"}), ("slm-paper", None),
-                                             ("slm", {"rescale": "channels+kl"})])
+                                             ("slm", {"selection": "greedy", "merge": "mean"}),
+                                             ("slm-paper", None), ("slm", {"rescale": "none"})])
 def test_same_plan_with_and_without_streaming(tiny_model, method, options):
     model = tiny_model("llama")
     before = state(model)
