@@ -125,3 +125,18 @@ def test_shortlist_scores_its_pairs_exactly_and_keeps_the_best_of_them():
         assert full == [step.scores[k] for k in step.scores]
     wide = Shortlist(by_score=12, by_influence=12, first_step=12)
     assert greedy_fold(engine, 5, progress=False, shortlist=wide).windows == reference_greedy(engine, 5).windows
+
+
+def test_estimate_counts_the_layer_runs_of_the_full_fold():
+    """The planning estimate's count of the fold's layer runs is the number the fold makes."""
+    from layerfold.methods.slm.estimate import greedy_layer_runs
+
+    engine = engine_for(similar_llama(layers=9))
+    calls = []
+    hooks = [layer.register_forward_hook(lambda *_: calls.append(1)) for layer in engine.cache.layers]
+    try:
+        greedy_fold(engine, 4, progress=False, shortlist=None)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(calls) / engine.cache.batches() == greedy_layer_runs(9, 4, None)

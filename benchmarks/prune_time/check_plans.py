@@ -71,7 +71,7 @@ def trace(args) -> None:
     from layerfold.data.tokens import CalibrationConfig, sample_windows
     from layerfold.methods.base import Target
     from layerfold.methods.slm import SlmEngine, greedy_fold
-    from layerfold.methods.slm.greedy import DEFAULT_SHORTLIST
+    from layerfold.methods.slm.greedy import Shortlist
     from layerfold.models.arch import layer_parameter_count
 
     loaded = load(args.model)
@@ -100,7 +100,7 @@ def trace(args) -> None:
                                  "step": len(rows), **rows[-1]}) + "\n")
 
     start = time.perf_counter()
-    shortlist = DEFAULT_SHORTLIST if args.shortlist else None
+    shortlist = Shortlist() if args.shortlist else None
     run = greedy_fold(engine, budget, progress=False, shortlist=shortlist, observe=observe)
     record = {"kind": "trace", "model": args.model, "ratio": args.ratio, "budget": budget,
               "shortlist": args.shortlist, "windows": [list(w) for w in run.windows],
@@ -108,6 +108,44 @@ def trace(args) -> None:
     with Path(args.out).open("a") as fh:
         fh.write(json.dumps(record) + "\n")
     print(json.dumps(record))
+
+
+def chosen_pairs(path: str, model: str, shortlist: bool) -> list[int]:
+    """The pair each step chose, from a trace's step rows (``--out`` of ``trace``) or its printed log."""
+    text = Path(path).read_text()
+    if path.endswith(".jsonl"):
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [r["chosen"] for r in rows if r["kind"] == "step" and r["model"] == model
+                and bool(r["shortlist"]) == shortlist]
+    return [int(line.split("chose ")[1].split()[0].removeprefix("pair")) if "chose pair" not in line
+            else int(line.split("chose pair ")[1].split(",")[0]) for line in text.splitlines()
+            if line.startswith("step ")]
+
+
+def windows_after(pairs: list[int], num_layers: int) -> list[list[list[int]]]:
+    """The fold's windows after each step, from the pair each step chose."""
+    segments = [(i, i) for i in range(num_layers)]
+    out = []
+    for k in pairs:
+        segments[k:k + 2] = [(segments[k][0], segments[k + 1][1])]
+        out.append([list(seg) for seg in segments if seg[1] > seg[0]])
+    return out
+
+
+def verdict(args) -> None:
+    """Compare the full fold's steps with the shortlist's; append the comparison to results.jsonl."""
+    exact = windows_after(chosen_pairs(args.exact, args.model, False), args.layers)
+    short = windows_after(chosen_pairs(args.short, args.model, True), args.layers)
+    steps = min(len(exact), len(short))
+    same = [exact[i] == short[i] for i in range(steps)]
+    row = {"kind": "greedy-check", "model": args.model, "layers": args.layers, "budgets": args.budgets,
+           "steps_compared": steps, "identical_steps": sum(same), "identical": all(same),
+           "full_fold_windows": {str(b): exact[b - 1] for b in args.budgets if b <= len(exact)},
+           "shortlist_windows": {str(b): short[b - 1] for b in args.budgets if b <= len(short)},
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "note": args.note}
+    with (Path(__file__).parent / "results.jsonl").open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
 
 
 def main() -> None:
@@ -119,12 +157,19 @@ def main() -> None:
         p.add_argument("--ratio", type=float, default=0.2)
         p.add_argument("--out", required=True)
         if name == "trace":
-            p.add_argument("--shortlist", action="store_true", help="the default shortlist (else every pair)")
+            p.add_argument("--shortlist", action="store_true", help="Shortlist()'s pairs (else every pair)")
+    p = sub.add_parser("verdict")
+    p.add_argument("--model", required=True)
+    p.add_argument("--layers", type=int, required=True)
+    p.add_argument("--budgets", type=int, nargs="+", required=True)
+    p.add_argument("--exact", required=True, help="the full fold's trace (step rows or printed log)")
+    p.add_argument("--short", required=True, help="the shortlist fold's trace")
+    p.add_argument("--note", default="")
     p = sub.add_parser("compare")
     p.add_argument("a")
     p.add_argument("b")
     args = parser.parse_args()
-    {"plan": plan, "compare": compare, "trace": trace}[args.mode](args)
+    {"plan": plan, "compare": compare, "trace": trace, "verdict": verdict}[args.mode](args)
 
 
 if __name__ == "__main__":

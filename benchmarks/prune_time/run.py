@@ -337,6 +337,21 @@ def write_report() -> None:
                   "synchronised); peak: `torch.cuda.max_memory_allocated()` over the weights' bytes. A row of another "
                   "commit ran with `PYTHONPATH` on a `git archive` of that commit's `src`. Commands:", ""]
         lines += [f"    {r['command']}" for r in gpu_rows] + [""]
+    checks = [r for r in rows if r["kind"] == "greedy-check"]
+    if checks:
+        lines += ["## Same decisions: the greedy fold with its shortlist against the full fold", "",
+                  "Each row compares the windows after every step of the full fold (every pair scored) with the "
+                  "shortlist's, on the default calibration (float32, CPU), from `check_plans.py trace` (with and "
+                  "without `--shortlist`) and `check_plans.py verdict`. A budget's windows are those after that "
+                  "many steps.", "",
+                  "| model | steps compared | identical steps | budget: full fold | budget: shortlist | date | note |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in checks:
+            full = "; ".join(f"{b}: {w}" for b, w in r["full_fold_windows"].items())
+            short = "; ".join(f"{b}: {w}" for b, w in r["shortlist_windows"].items())
+            lines.append(f"| {r['model']} | {r['steps_compared']} | {r['identical_steps']} | {full} | {short} | "
+                         f"{r['date']} | {r['note']} |")
+        lines.append("")
     REPORT.write_text("\n".join(lines))
 
 

@@ -5,8 +5,8 @@ time is measured while the calibration activations are captured (``LayerCache.la
 so the estimate holds for this machine, device, dtype and calibration set alike.  The count
 follows the default ``slm`` (selection=portfolio, rescale=channels):
 
-- the greedy fold scores, at each of ``budget`` steps, the pairs of its shortlist
-  (:class:`layerfold.methods.slm.greedy.Shortlist`), each running the segments above the
+- the greedy fold scores, at each of ``budget`` steps, every pair (or the pairs of a
+  :class:`layerfold.methods.slm.greedy.Shortlist`), each running the segments above the
   segment it removes: on average half of them;
 - the portfolio's four candidate plans are each run from their first removed layer up (about
   half the model each), the two calibration KL divergences from the first window up, each with
