@@ -14,7 +14,7 @@ of several configurations (the same plans as benchmarks/quality/run.py builds) o
 - ``agree``: the share where it is the dense model's first choice;
 - ``kl``: KL(dense || pruned) of the next-token distributions;
 - ``cloze`` and ``cloze_nll``: a multiple-choice probe built from the same text, scored as
-  the zero-shot tasks score answers (:mod:`lab.choice`, which ``slm --set pick=choice`` runs on
+  the zero-shot tasks score answers (:mod:`lab.choice`, which ``slm-lab --set pick=choice`` runs on
   the calibration source). Each of ``--cloze-items`` items is a 96-token context, its true
   32-token continuation and three distractors, the 32 tokens at the same place 256, 512 and 768 tokens
   further on (the same kind of text, often the same article); a choice's score is the summed

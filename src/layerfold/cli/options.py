@@ -40,8 +40,10 @@ Threshold = Annotated[float | None, typer.Option(help="slm, laco: similarity thr
 TargetLayers = Annotated[int | None, typer.Option("--target-layers", help="Layers to keep.")]
 Ratio = Annotated[float | None, typer.Option(help="Share of decoder layers to remove (default 0.2 for slm).")]
 ParamRatio = Annotated[float | None, typer.Option("--param-ratio", help="Share of all parameters to remove.")]
-Criterion = Annotated[str | None, typer.Option(help="slm: output-cosine, cka-linear, cka-rbf or angular.")]
-Merge = Annotated[str | None, typer.Option(help="slm, laco: merge operator (diff, mean, reference, base).")]
+Criterion = Annotated[str | None, typer.Option(
+    help="slm: output-cosine, cka-linear, cka-rbf, angular, or loss (with a target size).")]
+Merge = Annotated[str | None, typer.Option(
+    help="slm, laco: merge operator: base, diff (the paper's), mean, reference (the authors' fused layer).")]
 Norms = Annotated[str | None, typer.Option(help="slm: norm parameters: base (keep the base layer's) or merge.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Other method option, key=value (repeatable).")]
 CalibSource = Annotated[str, typer.Option(help="Calibration text: books, ptb-train, or a text or .jsonl file.")]
