@@ -190,23 +190,34 @@ def capture(model: nn.Module, arch: Architecture, tokens: torch.Tensor, batch_si
 
 
 class _LayerClock:
-    """Wall time from the first decoder layer's start to the last one's end, summed over batches
-    (the GPU synchronised at both ends): what one layer costs on the calibration tokens, for the
-    planning time estimate (:mod:`layerfold.methods.slm.estimate`)."""
+    """Wall time from the first decoder layer's start to the last one's end, per batch (the GPU
+    synchronised at both ends): what the layers cost on the calibration tokens, for the planning
+    time estimate (:mod:`layerfold.methods.slm.estimate`).  ``seconds`` is all the tokens at the
+    fastest batch's rate per token, so that the first batch's one-off costs (kernel set-up, first
+    allocations) do not count."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.seconds, self._start = device, 0.0, 0.0
+        self.device, self._start = device, 0.0
+        self._batches: list[tuple[float, int]] = []  # (seconds, tokens)
 
     def _now(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def start(self, *_args) -> None:
+    def start(self, _module, args) -> None:
         self._start = self._now()
+        self._tokens = args[0].shape[:-1].numel() if args else 0
 
     def stop(self, *_args) -> None:
-        self.seconds += self._now() - self._start
+        self._batches.append((self._now() - self._start, self._tokens))
+
+    @property
+    def seconds(self) -> float:
+        timed = [(s, n) for s, n in self._batches if n]
+        if not timed:
+            return sum(s for s, _ in self._batches)
+        return min(s / n for s, n in timed) * sum(n for _, n in self._batches)
 
 
 def _default_store(model: nn.Module, tokens: torch.Tensor, n_layers: int, limit_gib: float = 4.0) -> torch.device:
