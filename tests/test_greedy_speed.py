@@ -140,3 +140,19 @@ def test_estimate_counts_the_layer_runs_of_the_full_fold():
         for hook in hooks:
             hook.remove()
     assert len(calls) / engine.cache.batches() == greedy_layer_runs(9, 4, None)
+
+
+def test_default_plan_announces_its_estimate_up_front(capsys):
+    """The default says how long its plan will take before it runs, and records the figure."""
+    from layerfold import api
+    from layerfold.methods.base import Target
+    from layerfold.models.load import wrap_model
+
+    model = similar_llama(layers=8)
+    result = api.make_plan(wrap_model(model), "slm", Target(layers=6), tokens=torch.randint(4, 100, (4, 16)),
+                           progress=True)
+    import re
+
+    estimate = result.plan.provenance["planning_estimate_seconds"]
+    said = re.search(r"planning: about (\d+) s on this machine", capsys.readouterr().err)
+    assert estimate > 0 and said is not None and abs(int(said.group(1)) - estimate) <= 1

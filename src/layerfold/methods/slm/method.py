@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import sys
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
+from tqdm.auto import tqdm
 
 from layerfold.errors import LayerfoldError
 from layerfold.merge import MERGES
@@ -22,6 +24,7 @@ from layerfold.methods.slm.engine import (
     Window,
     windows_of,
 )
+from layerfold.methods.slm.estimate import planning_seconds
 from layerfold.methods.slm.greedy import greedy_fold
 from layerfold.methods.slm.selection import angular_removal, influence_removal, portfolio_candidates
 from layerfold.plan import Operation
@@ -120,6 +123,7 @@ class SlidingLayerMerging(Method):
     def plan(self, ctx: PlanContext) -> PlanResult:
         budget = self._budget(ctx)
         engine = self.make_engine(ctx)
+        self._announce_estimate(ctx, budget)
         run, threshold, extra = self.select(engine, ctx, budget)
         fused, rescaled = self.rescale_windows(engine, run, ctx)
         extra.update(rescaled)
@@ -132,6 +136,17 @@ class SlidingLayerMerging(Method):
                             scores={"candidates_evaluated": engine.evaluated, "selection": self.chosen_selection,
                                     **extra})
         return PlanResult(plan, self.fused_overrides(engine, run))
+
+    def _announce_estimate(self, ctx: PlanContext, budget: int | None) -> None:
+        """Say up front how long the default plan will take here, from the layer time the capture
+        measured (:mod:`layerfold.methods.slm.estimate`); recorded in the plan's provenance."""
+        if self.chosen_selection != "portfolio" or budget is None or not ctx.cache.layer_seconds:
+            return
+        seconds = planning_seconds(ctx.cache, budget)
+        ctx.info["planning_estimate_seconds"] = round(seconds, 1)
+        if ctx.progress:
+            tqdm.write(f"planning: about {seconds:.0f} s on this machine ({ctx.cache.layer_seconds * 1e3:.0f} ms "
+                       "per decoder layer over the calibration tokens)", file=sys.stderr)
 
     def make_engine(self, ctx: PlanContext) -> SlmEngine:
         return SlmEngine(ctx.cache, self.criterion, self.merge, self.norms)
