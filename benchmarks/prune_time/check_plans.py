@@ -133,7 +133,11 @@ def windows_after(pairs: list[int], num_layers: int) -> list[list[list[int]]]:
 
 
 def verdict(args) -> None:
-    """Compare the full fold's steps with the shortlist's; append the comparison to results.jsonl."""
+    """Compare the full fold's steps with the shortlist's; append the comparison to results.jsonl
+    (with the command, commit, date and machine, as run.py's rows)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from run import cpu_machine, provenance
+
     exact = windows_after(chosen_pairs(args.exact, args.model, False), args.layers)
     short = windows_after(chosen_pairs(args.short, args.model, True), args.layers)
     steps = min(len(exact), len(short))
@@ -142,7 +146,8 @@ def verdict(args) -> None:
            "steps_compared": steps, "identical_steps": sum(same), "identical": all(same),
            "full_fold_windows": {str(b): exact[b - 1] for b in args.budgets if b <= len(exact)},
            "shortlist_windows": {str(b): short[b - 1] for b in args.budgets if b <= len(short)},
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "note": args.note}
+           **provenance(sys.argv[1:]), "machine": cpu_machine(), "note": args.note}
+    row["command"] = row["command"].replace("run.py", "check_plans.py")
     with (Path(__file__).parent / "results.jsonl").open("a") as fh:
         fh.write(json.dumps(row) + "\n")
     print(json.dumps(row))
