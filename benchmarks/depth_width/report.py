@@ -7,7 +7,6 @@ width-only variants) and the GPU run's (run_gpu.py's markdown: perplexity, zero-
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -36,12 +35,10 @@ def render(results: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--results", type=Path, default=HERE / "results.jsonl")
-    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
-    args = parser.parse_args()
-    args.out.write_text(render(args.results))
-    print(f"wrote {args.out}")
+    sys.path.insert(0, str(HERE.parent))
+    from results_md import report_main
+
+    report_main(render, HERE, __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

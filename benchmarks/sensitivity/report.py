@@ -6,8 +6,8 @@ machine, ratio and evaluation length, one row per method and calibration setting
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -54,12 +54,10 @@ def render(results: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--results", type=Path, default=HERE / "results.jsonl")
-    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
-    args = parser.parse_args()
-    args.out.write_text(render(args.results))
-    print(f"wrote {args.out}")
+    sys.path.insert(0, str(HERE.parent))
+    from results_md import report_main
+
+    report_main(render, HERE, __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

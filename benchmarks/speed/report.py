@@ -7,7 +7,6 @@ bandwidth floor; pruning: the engine against the authors' naive loop, memory, th
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -31,12 +30,10 @@ def render(results: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--results", type=Path, default=HERE / "results.jsonl")
-    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
-    args = parser.parse_args()
-    args.out.write_text(render(args.results))
-    print(f"wrote {args.out}")
+    sys.path.insert(0, str(HERE.parent))
+    from results_md import report_main
+
+    report_main(render, HERE, __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":
