@@ -495,3 +495,16 @@ def test_too_little_free_disk_is_refused_before_writing(tiny_model, tmp_path, mo
     with pytest.raises(LayerfoldError, match=r"not enough free disk for .*needs about [\d.]+ MB, .* has 0.0 MB free"):
         save_model(tiny_model("gpt2"), None, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["/usr/bin/layerfold", "prune", "--out", "a b"], "layerfold prune --out 'a b'"),
+    (["script.py", "--x", "1"], "python script.py --x 1"),
+    (["-c"], "(from Python, through layerfold.api)"),
+    ([""], "(from Python, through layerfold.api)"),
+])
+def test_command_line_names_what_made_the_output(monkeypatch, argv, expected):
+    from layerfold.output import command_line
+
+    monkeypatch.setattr(sys, "argv", argv)
+    assert command_line() == expected

@@ -24,8 +24,14 @@ from layerfold.errors import LayerfoldError
 
 
 def command_line() -> str:
-    """The command as the user typed it, quoted so that it can be pasted again."""
-    return "layerfold " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    """The command as the user typed it, quoted so that it can be pasted again: the ``layerfold``
+    command's, or the Python script's that called the API (none for an interactive session)."""
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if program.startswith("layerfold") or program == "__main__.py":
+        return "layerfold " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if program in ("", "-", "-c"):
+        return "(from Python, through layerfold.api)"
+    return "python " + shlex.join(sys.argv)
 
 
 MARKER = ".layerfold"  # written into every output folder: the files layerfold wrote there
