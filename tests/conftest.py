@@ -231,3 +231,18 @@ def no_weights_loaded(monkeypatch):
         raise AssertionError("model weights were loaded before the mistake was reported")
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+class Interrupted(Exception):
+    """Raised by :func:`interrupt_at`'s callback: a run stopped part way, as by Ctrl-C."""
+
+
+def interrupt_at(stop: int):
+    """An ``on_step`` callback for heal that interrupts the run when it reaches step ``stop``."""
+
+    def callback(step, log):
+        if step == stop:
+            raise Interrupted
+
+    return callback
+

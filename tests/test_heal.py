@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import Interrupted, interrupt_at
 
 from layerfold.errors import LayerfoldError
 from layerfold.models.load import wrap_model
@@ -120,15 +121,10 @@ def test_resume_continues_at_the_right_step(tokenizer, text_file, tmp_path):
     cfg = config(text_file, max_steps=6, checkpoint_every=2)
     straight = run(small_model("llama"), tokenizer, cfg, out=tmp_path / "straight")
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_5(step, log):
-        if step == 5:
-            raise Interrupt
+    stop_at_5 = interrupt_at(5)
 
     out = tmp_path / "resumed"
-    with pytest.raises(Interrupt):
+    with pytest.raises(Interrupted):
         run(small_model("llama"), tokenizer, cfg, out=out, on_step=stop_at_5)
     assert latest_checkpoint(checkpoint_dir_for(out)).name == "step-000004"
     with pytest.raises(LayerfoldError, match="--resume"):

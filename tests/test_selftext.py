@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from conftest import Interrupted, interrupt_at
 
 from layerfold.errors import LayerfoldError
 from layerfold.models.load import wrap_model
@@ -156,15 +157,10 @@ def test_layers_mode_resumes_to_the_same_weights(tokenizer, text_file, tmp_path)
     cfg = config(text_file, max_steps=6, checkpoint_every=2, distill="dense", lr=1e-3)
     straight = run(pruned_of(dense), tokenizer, cfg, out=tmp_path / "straight", teacher=teacher)
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_5(step, log):
-        if step == 5:
-            raise Interrupt
+    stop_at_5 = interrupt_at(5)
 
     out = tmp_path / "resumed"
-    with pytest.raises(Interrupt):
+    with pytest.raises(Interrupted):
         run(pruned_of(dense), tokenizer, cfg, out=out, teacher=teacher, on_step=stop_at_5)
     assert latest_checkpoint(checkpoint_dir_for(out)).name == "step-000004"
     resumed = run(pruned_of(dense), tokenizer, cfg, out=out, teacher=teacher, resume=True)
