@@ -7,6 +7,9 @@ bit-identical scores; these tests check decisions, never timings (benchmarks/pru
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -71,7 +74,7 @@ def engine_for(model, criterion: str = "output-cosine", merge: str = "base", bat
 def test_fast_fold_takes_the_reference_decisions(criterion, seed):
     engine = engine_for(similar_llama(seed=seed), criterion)
     budget = engine.num_layers - 2
-    got, expected = greedy_fold(engine, budget, progress=False, shortlist=None), reference_greedy(engine, budget)
+    got, expected = greedy_fold(engine, budget, progress=False), reference_greedy(engine, budget)
     assert got.windows == expected.windows
     assert got.scores == expected.scores  # bit for bit: the same layer calls on the same states
 
@@ -79,7 +82,7 @@ def test_fast_fold_takes_the_reference_decisions(criterion, seed):
 @pytest.mark.parametrize("name", ["gemma3", "gpt2", "opt", "qwen2"])
 def test_fast_fold_matches_the_reference_on_other_architectures(tiny_model, name):
     engine = engine_for(tiny_model(name))
-    got, expected = greedy_fold(engine, 4, progress=False, shortlist=None), reference_greedy(engine, 4)
+    got, expected = greedy_fold(engine, 4, progress=False), reference_greedy(engine, 4)
     assert got.windows == expected.windows and got.scores == expected.scores
 
 
@@ -93,7 +96,7 @@ def test_other_merges_keep_the_fusing_fold():
 def test_observe_reports_every_candidate_and_the_choice():
     engine = engine_for(similar_llama(layers=8))
     steps = []
-    run = greedy_fold(engine, 3, progress=False, shortlist=None, observe=steps.append)
+    run = greedy_fold(engine, 3, progress=False, observe=steps.append)
     assert len(steps) == 3
     for step in steps:
         assert sorted(step.scores) == list(range(len(step.segments) - 1))
@@ -103,14 +106,16 @@ def test_observe_reports_every_candidate_and_the_choice():
 
 
 def test_shortlist_scores_its_pairs_exactly_and_keeps_the_best_of_them():
-    """With a shortlist, each step scores only its pairs, each exactly as the full fold would, and
-    takes the best of them; a shortlist that covers every pair is the full fold."""
-    from layerfold.methods.slm.greedy import Shortlist
+    """With a shortlist (benchmarks/lab: measured, not adopted), each step scores only its pairs,
+    each exactly as the full fold would, and takes the best of them; a shortlist that covers every
+    pair is the full fold."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from lab.shortlist import Shortlist
 
     engine = engine_for(similar_llama(layers=12, seed=3))
     steps = []
     small = Shortlist(by_score=1, by_influence=1, first_step=2)
-    greedy_fold(engine, 4, progress=False, shortlist=small, observe=steps.append)
+    greedy_fold(engine, 4, progress=False, pairs=small, observe=steps.append)
     assert len(steps[0].scores) == 2  # then one by score, one by influence, the two next to the new window
     assert all(len(step.scores) <= 4 for step in steps[1:])
     for step in steps:
@@ -124,7 +129,7 @@ def test_shortlist_scores_its_pairs_exactly_and_keeps_the_best_of_them():
             full.append(engine.score_output(outs))
         assert full == [step.scores[k] for k in step.scores]
     wide = Shortlist(by_score=12, by_influence=12, first_step=12)
-    assert greedy_fold(engine, 5, progress=False, shortlist=wide).windows == reference_greedy(engine, 5).windows
+    assert greedy_fold(engine, 5, progress=False, pairs=wide).windows == reference_greedy(engine, 5).windows
 
 
 def test_estimate_counts_the_layer_runs_of_the_full_fold():
@@ -135,11 +140,11 @@ def test_estimate_counts_the_layer_runs_of_the_full_fold():
     calls = []
     hooks = [layer.register_forward_hook(lambda *_: calls.append(1)) for layer in engine.cache.layers]
     try:
-        greedy_fold(engine, 4, progress=False, shortlist=None)
+        greedy_fold(engine, 4, progress=False)
     finally:
         for hook in hooks:
             hook.remove()
-    assert len(calls) / engine.cache.batches() == greedy_layer_runs(9, 4, None)
+    assert len(calls) / engine.cache.batches() == greedy_layer_runs(9, 4)
 
 
 def test_default_plan_announces_its_estimate_up_front(capsys):

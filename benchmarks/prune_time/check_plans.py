@@ -71,7 +71,6 @@ def trace(args) -> None:
     from layerfold.data.tokens import CalibrationConfig, sample_windows
     from layerfold.methods.base import Target
     from layerfold.methods.slm import SlmEngine, greedy_fold
-    from layerfold.methods.slm.greedy import Shortlist
     from layerfold.models.arch import layer_parameter_count
 
     loaded = load(args.model)
@@ -100,8 +99,13 @@ def trace(args) -> None:
                                  "step": len(rows), **rows[-1]}) + "\n")
 
     start = time.perf_counter()
-    shortlist = Shortlist() if args.shortlist else None
-    run = greedy_fold(engine, budget, progress=False, shortlist=shortlist, observe=observe)
+    shortlist = None
+    if args.shortlist:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from lab.shortlist import Shortlist
+
+        shortlist = Shortlist()
+    run = greedy_fold(engine, budget, progress=False, pairs=shortlist, observe=observe)
     record = {"kind": "trace", "model": args.model, "ratio": args.ratio, "budget": budget,
               "shortlist": args.shortlist, "windows": [list(w) for w in run.windows],
               "seconds": round(time.perf_counter() - start, 1), "evaluated": engine.evaluated}

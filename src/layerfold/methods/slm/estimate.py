@@ -5,9 +5,8 @@ time is measured while the calibration activations are captured (``LayerCache.la
 so the estimate holds for this machine, device, dtype and calibration set alike.  The count
 follows the default ``slm`` (selection=portfolio, rescale=channels):
 
-- the greedy fold scores, at each of ``budget`` steps, every pair (or the pairs of a
-  :class:`layerfold.methods.slm.greedy.Shortlist`), each running the segments above the
-  segment it removes: on average half of them;
+- the greedy fold scores, at each of ``budget`` steps, every pair, each running the segments
+  above the segment it removes: on average half of them;
 - the portfolio's four candidate plans are each run from their first removed layer up (about
   half the model each), the two calibration KL divergences from the first window up, each with
   the LM head on the original's and the pruned model's states, and the channel fit runs each
@@ -19,35 +18,25 @@ follows the default ``slm`` (selection=portfolio, rescale=channels):
 from __future__ import annotations
 
 from layerfold.calibrate import LayerCache
-from layerfold.methods.slm.greedy import DEFAULT_SHORTLIST, Shortlist
 from layerfold.models.arch import layer_parameter_count
 
 OVERHEAD = 1.15  # scoring, norms, copies and Python around the layer runs (measured: benchmarks/prune_time)
 
 
-def greedy_layer_runs(num_layers: int, budget: int, shortlist: Shortlist | None = DEFAULT_SHORTLIST) -> float:
+def greedy_layer_runs(num_layers: int, budget: int) -> float:
     """Decoder-layer runs of the greedy fold (merge=base), a candidate counted at the mean of its
     possible positions."""
-    runs = 0.0
-    for step in range(budget):
-        segments = num_layers - step
-        pairs = segments - 1
-        if shortlist is not None:
-            count = shortlist.first_step if step == 0 else shortlist.by_influence + shortlist.by_score
-            pairs = min(pairs, count)
-        runs += pairs * (segments - 2) / 2
-    return runs
+    return sum((segments - 1) * (segments - 2) / 2 for segments in range(num_layers, num_layers - budget, -1))
 
 
-def planning_layer_runs(num_layers: int, budget: int, head_ratio: float,
-                        shortlist: Shortlist | None = DEFAULT_SHORTLIST) -> float:
+def planning_layer_runs(num_layers: int, budget: int, head_ratio: float) -> float:
     """Decoder-layer runs of the default plan after the capture (``head_ratio``: the LM head's
     cost in decoder layers, vocabulary x hidden size / one layer's parameters)."""
     half = num_layers / 2
     portfolio = 4 * half
     kl = 2 * (half + 2 * head_ratio)
     channels = half
-    return greedy_layer_runs(num_layers, budget, shortlist) + portfolio + kl + channels
+    return greedy_layer_runs(num_layers, budget) + portfolio + kl + channels
 
 
 def head_ratio(cache: LayerCache) -> float:
@@ -58,10 +47,10 @@ def head_ratio(cache: LayerCache) -> float:
     return vocab * hidden / max(layer_parameter_count(cache.layers[0]), 1)
 
 
-def planning_seconds(cache: LayerCache, budget: int, shortlist: Shortlist | None = DEFAULT_SHORTLIST) -> float:
+def planning_seconds(cache: LayerCache, budget: int) -> float:
     """Seconds the default plan is expected to take after the capture, from the layer time the
     capture measured (None there: 0)."""
     if not cache.layer_seconds:
         return 0.0
-    runs = planning_layer_runs(cache.num_layers, budget, head_ratio(cache), shortlist)
+    runs = planning_layer_runs(cache.num_layers, budget, head_ratio(cache))
     return OVERHEAD * runs * cache.layer_seconds

@@ -19,45 +19,14 @@ from tqdm.auto import tqdm
 
 from layerfold.errors import LayerfoldError
 from layerfold.methods.slm.engine import SlmEngine, SlmRun, Window
-from layerfold.similarity import cosine
 
 Hidden = list[torch.Tensor]  # one tensor per calibration batch
 
 
-@dataclass(frozen=True)
-class Shortlist:
-    """Which candidate pairs a step of the fold scores (merge=base): the pairs never scored
-    before that hold the window the last step formed (at most two), the ``by_score`` best by the
-    score each had at the last step that scored it, and the ``by_influence`` whose removed segment
-    has the lowest block influence in the current folded model (1 - mean token cosine between the
-    state entering it and the state leaving it; ``first_step`` of them at the first step, when no
-    pair has a score yet).  The pair chosen is the best of those scored, by the criterion itself;
-    the full fold (``shortlist=None``, the default) scores every pair.
-
-    Not the default: on SmolLM2-135M (default calibration, float32) the shortlist 3/3/6 takes the
-    full fold's first three steps but not its fourth (it folds layer 13 where the full fold folds
-    layer 5), so it can change a plan (benchmarks/prune_time/RESULTS.md); on a Llama-2-7B shape on
-    one H200 it plans in 2.1 s instead of about 6 s."""
-
-    by_score: int = 3
-    by_influence: int = 3
-    first_step: int = 6
-
-    def pairs(self, segments: list[Window], entering: list[Hidden], last: dict[tuple[Window, Window], float],
-              formed: Window | None) -> list[int]:
-        """The pairs to score, in increasing order (so that ties go to the lowest, as in the full
-        fold); ``formed`` is the window the last step formed."""
-        pairs = [(segments[k], segments[k + 1]) for k in range(len(segments) - 1)]
-        influence = [1.0 - cosine(torch.cat(entering[k + 1]), torch.cat(entering[k + 2])) for k in range(len(pairs))]
-        count = self.by_influence if last else self.first_step
-        chosen = set(sorted(range(len(pairs)), key=lambda k: (influence[k], k))[:count])
-        known = [k for k, pair in enumerate(pairs) if pair in last]
-        chosen |= set(sorted(known, key=lambda k: (-last[pairs[k]], k))[: self.by_score])
-        chosen |= {k for k, pair in enumerate(pairs) if formed in pair}  # the only pairs new to this step
-        return sorted(chosen)
-
-
-DEFAULT_SHORTLIST: Shortlist | None = None  # every pair scored: the plans stay those of the full fold
+PairChooser = Callable[[list[Window], list[Hidden], dict[tuple[Window, Window], float], Window | None], list[int]]
+"""Which pairs a step of the fold (merge=base) scores, from the segments, the state entering each
+(``[-1]``: the output), each pair's score when it was last scored and the window the last step
+formed; the pairs in increasing order.  None (the default) scores every pair."""
 
 
 @dataclass
@@ -75,21 +44,21 @@ class GreedyStep:
 
 
 def greedy_fold(engine: SlmEngine, budget: int, progress: bool = True,
-                shortlist: Shortlist | None = DEFAULT_SHORTLIST,
+                pairs: PairChooser | None = None,
                 observe: Callable[[GreedyStep], None] | None = None) -> SlmRun:
     """Fold adjacent segments one pair at a time, each time the pair whose fused layer
     keeps the whole model's output closest to the original (the criterion on final states).
 
-    With merge=base, each step scores the pairs of ``shortlist`` (None: every pair);
+    With merge=base, each step scores the pairs ``pairs`` chooses (None: every pair);
     ``observe`` is then called after each step with its :class:`GreedyStep`."""
     if engine.criterion not in ("output-cosine", "loss"):
         raise LayerfoldError("greedy selection scores the model's output: use criterion output-cosine or loss")
     if engine.num_layers > 1 and engine.candidate((0, 1)) is engine.cache.layers[0]:
-        return _fold_removing(engine, budget, progress, shortlist, observe)
+        return _fold_removing(engine, budget, progress, pairs, observe)
     return _fold_fusing(engine, budget, progress)
 
 
-def _fold_removing(engine: SlmEngine, budget: int, progress: bool, shortlist: Shortlist | None,
+def _fold_removing(engine: SlmEngine, budget: int, progress: bool, choose: PairChooser | None,
                    observe: Callable[[GreedyStep], None] | None) -> SlmRun:
     """The fold when a window's fused layer is its base layer: each candidate removes one segment's
     layer; it runs only the segments above the one it removes."""
@@ -103,7 +72,7 @@ def _fold_removing(engine: SlmEngine, budget: int, progress: bool, shortlist: Sh
         best: tuple[float, int, list[Hidden]] | None = None
         seen: dict[int, float] = {}
         per_sample: dict[int, list[float]] = {}
-        pairs = range(len(segments) - 1) if shortlist is None else shortlist.pairs(segments, entering, last, formed)
+        pairs = range(len(segments) - 1) if choose is None else choose(segments, entering, last, formed)
         for k in pairs:
             states = _run_segments(engine, segments, k + 2, entering[k + 1])
             final = _final(engine, states[-1])
