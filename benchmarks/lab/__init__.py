@@ -3,12 +3,11 @@
 Importing this package (``benchmarks/`` on ``sys.path``, then ``import lab``) registers method
 ``slm-lab`` into layerfold's method registry: ``slm`` with ``fit=ridge``, ``refine``,
 ``pick=kl|choice``, ``rescale=kl|criterion|channels+kl`` and ``scale`` (:mod:`lab.slm_lab`),
-giving the plans ``slm`` gave with them; and the greedy fold's ``Shortlist`` (:mod:`lab.shortlist`).
+giving the plans ``slm`` gave with them.
 Their measured outcomes: docs/measured-options.md.
 """
 
 from . import slm_lab
-from .shortlist import Shortlist
 from .slm_lab import RESCALE_GRID, LabEngine, SlmLab
 
-__all__ = ["RESCALE_GRID", "LabEngine", "Shortlist", "SlmLab", "slm_lab"]
+__all__ = ["RESCALE_GRID", "LabEngine", "SlmLab", "slm_lab"]

@@ -102,7 +102,7 @@ def trace(args) -> None:
     shortlist = None
     if args.shortlist:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from lab.shortlist import Shortlist
+        from layerfold.methods.slm.shortlist import Shortlist
 
         shortlist = Shortlist()
     run = greedy_fold(engine, budget, progress=False, pairs=shortlist, observe=observe)

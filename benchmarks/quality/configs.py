@@ -22,6 +22,7 @@ PAPER = {"selection": "sliding", "merge": "diff", "rescale": "none"}  # slm-pape
 CONFIGS: dict[str, tuple[str, dict]] = {
     "slm": ("slm", {}),  # the default
     "slm/no-rescale": ("slm", {"rescale": "none"}),
+    "slm/shortlist": (LAB, {"pairs": "shortlist"}),  # the greedy fold scores a shortlist of pairs a step
     "slm/rescale-kl": (LAB, {"rescale": "kl"}),  # one factor per window from a grid, by calibration KL
     "slm-paper": ("slm-paper", {}),
     "slm-reference": ("slm-reference", {}),

@@ -11,7 +11,8 @@ budget:
 - ``lora-self``: LoRA distilled on the same self-written text (separates the text from what trains).
 
 Perplexity (every non-overlapping 128-token window, no BOS) on WikiText-2, PTB and LAMBADA for
-the dense, pruned and healed models; one row per model in ``results.jsonl`` (appended as each
+the dense, pruned and healed models, and with ``--zeroshot`` the seven zero-shot tasks; one row per
+model in ``results.jsonl`` (appended as each
 finishes, with commit, date, machine and command). ``--save-dir`` keeps the healed models of the
 largest budget (for zero-shot scoring with ``layerfold eval``).  ``report.py`` writes RESULTS.md and the
 plot from the rows.
@@ -101,6 +102,20 @@ def evaluate(model: torch.nn.Module, tokenizer, args) -> dict[str, float]:
                               max_windows=args.eval_windows, progress=False).perplexity for s in args.eval}
 
 
+def zeroshot(model: torch.nn.Module, tokenizer, args) -> dict | None:
+    """The seven zero-shot tasks (full sets; ``--zeroshot``): each task's figure and the means with and
+    without BoolQ, in percent."""
+    if not args.zeroshot:
+        return None
+    from layerfold.evaluate.zeroshot import evaluate_zeroshot
+
+    model.eval()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device.startswith("cuda")):
+        out = evaluate_zeroshot(model, tokenizer, "zeroshot7", batch_size=args.zs_batch, progress=False)
+    return {"tasks": {name: 100 * t["value"] for name, t in out["tasks"].items()},
+            **{k: 100 * v for k, v in out["summary"].items() if k.startswith("mean")}}
+
+
 def arm_config(arm: str, budget: int, args):
     data, train = {"lora-books": ("books", "lora"), "layers-self": ("self", "layers"),
                    "lora-self": ("self", "lora")}[arm]
@@ -157,14 +172,16 @@ def run(args) -> None:
     if not args.skip_reference:
         rows.add({"kind": "dense", "model": dense.source, "layers": len(dense.arch.layer_list(dense.model)),
                   "parameters": parameter_count(dense.model), "perplexity": evaluate(dense.model, dense.tokenizer,
-                                                                                     args)})
+                                                                                     args),
+                  "zeroshot": zeroshot(dense.model, dense.tokenizer, args)})
     pruned = {}
     for plan_path in args.plan:
         pruned[plan_path] = pruned_copy(dense, plan_path)
         loaded, facts = pruned[plan_path]
         if not args.skip_reference:
             rows.add({"kind": "pruned", "model": dense.source, **facts,
-                      "perplexity": evaluate(loaded.model, loaded.tokenizer, args)})
+                      "perplexity": evaluate(loaded.model, loaded.tokenizer, args),
+                      "zeroshot": zeroshot(loaded.model, loaded.tokenizer, args)})
     for budget in args.budgets:
         for plan_path in args.plan:
             loaded, facts = pruned[plan_path]
@@ -172,6 +189,7 @@ def run(args) -> None:
                 log(f"{facts['plan']}: {arm} at {budget:,} tokens")
                 row, model = heal_row(loaded, teacher, arm, budget, args)
                 row["perplexity"] = evaluate(model, loaded.tokenizer, args)
+                row["zeroshot"] = zeroshot(model, loaded.tokenizer, args)
                 rows.add({"kind": "healed", "model": dense.source, **facts, **row})
                 if args.save_dir and budget == max(args.budgets):
                     model.save_pretrained(Path(args.save_dir) / f"{facts['plan']}-{arm}-{budget}")
@@ -198,6 +216,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval", default="wikitext2,ptb,lambada", help="perplexity sources, comma-separated")
     p.add_argument("--eval-windows", type=int, default=100000, help="windows per source (default: all)")
     p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--zeroshot", action="store_true", help="also the seven zero-shot tasks (full sets)")
+    p.add_argument("--zs-batch", type=int, default=64, help="zero-shot batch size")
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-reference", action="store_true", help="no dense and unhealed rows (already measured)")
     p.add_argument("--save-dir", default=None, help="keep the healed models of the largest budget here")

@@ -400,7 +400,7 @@ def main() -> int:
     def save_pruned() -> None:
         from transformers import AutoConfig
 
-        from layerfold.surgery import save_model
+        from layerfold.output import save_model
 
         if capped_slm is None:
             raise RuntimeError("no streamed slm plan to apply")

@@ -7,7 +7,7 @@ from layerfold.methods._common import lowest
 from layerfold.methods.angular import block_distances
 from layerfold.methods.shortgpt import block_influence
 from layerfold.methods.slm.engine import SlmEngine, removed_layers
-from layerfold.methods.slm.greedy import greedy_fold
+from layerfold.methods.slm.greedy import PairChooser, greedy_fold
 
 
 def influence_removal(cache: LayerCache, budget: int) -> set[int]:
@@ -25,11 +25,12 @@ def angular_removal(cache: LayerCache, budget: int) -> set[int]:
 
 
 def portfolio_candidates(engine: SlmEngine, cache: LayerCache, budget: int, max_window: int = 8,
-                         progress: bool = True) -> dict[str, set[int]]:
-    """Plans of removed layers (layer 0 always kept) from four selectors: the greedy fold, the
-    optimal windows, the lowest block influence and the closest contiguous block in angle."""
+                         progress: bool = True, pairs: PairChooser | None = None) -> dict[str, set[int]]:
+    """Plans of removed layers (layer 0 always kept) from four selectors: the greedy fold (scoring
+    the pairs ``pairs`` chooses, None: every pair), the optimal windows, the lowest block influence
+    and the closest contiguous block in angle."""
     candidates = {
-        "greedy": removed_layers(greedy_fold(engine, budget, progress=progress).windows),
+        "greedy": removed_layers(greedy_fold(engine, budget, progress=progress, pairs=pairs).windows),
         "optimal": removed_layers(engine.optimal(budget, max_window, progress=progress).windows),
         "block-influence": influence_removal(cache, budget),
         "angular-block": angular_removal(cache, budget),

@@ -1,10 +1,10 @@
-"""A shortlist of candidate pairs for the greedy fold: measured and not adopted.
+"""The shortlist of candidate pairs the default's greedy fold scores at each step (``pairs=shortlist``).
 
-It scores a few pairs per step instead of all of them (each exactly), and plans a Llama-2-7B shape
-on one H200 in 2.1 s instead of about 4 s, but on SmolLM2-135M (default calibration, float32) it
-takes the full fold's first three steps and not its fourth (it folds layer 13 where the full fold
-folds layer 5), so it can change a plan (benchmarks/prune_time/RESULTS.md).  Pass an instance as
-``greedy_fold(..., pairs=Shortlist())``.
+It scores a few pairs per step instead of all of them (each exactly): about a quarter of the layer
+runs.  It keeps the full fold's plans for Gemma-3-270M at 20% and 35% and SmolLM2-135M at 20%; at
+SmolLM2 35% it folds other layers from the fourth step on, and that plan measured better on
+WikiText-2, PTB and PTB-valid and worse on LAMBADA (docs/measured-options.md).  ``pairs=all`` scores
+every pair, as the fold did before.
 """
 
 from __future__ import annotations
