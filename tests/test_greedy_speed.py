@@ -7,9 +7,6 @@ bit-identical scores; these tests check decisions, never timings (benchmarks/pru
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import transformers
@@ -106,11 +103,9 @@ def test_observe_reports_every_candidate_and_the_choice():
 
 
 def test_shortlist_scores_its_pairs_exactly_and_keeps_the_best_of_them():
-    """With a shortlist (benchmarks/lab: measured, not adopted), each step scores only its pairs,
-    each exactly as the full fold would, and takes the best of them; a shortlist that covers every
-    pair is the full fold."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-    from lab.shortlist import Shortlist
+    """With a shortlist (the default's), each step scores only its pairs, each exactly as the full
+    fold would, and takes the best of them; a shortlist that covers every pair is the full fold."""
+    from layerfold.methods.slm.shortlist import Shortlist
 
     engine = engine_for(similar_llama(layers=12, seed=3))
     steps = []
