@@ -62,7 +62,7 @@ def _speed(value) -> str:
 def table(rows: list[dict]) -> str:
     dense = next(r for r in rows if r["kind"] == "dense")
     head = ("| plan | layers | healing | tokens | WikiText-2 | PTB | LAMBADA | WikiText-2 / dense | zero-shot mean | "
-            "without BoolQ | train tok/s | text written, tok/s (steady) |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "without BoolQ | train tok/s | text written, tok/s (steady) |\n" + "|---" * 12 + "|")
     lines = [head, f"| dense | {dense['layers']} | - | - | {_ppl(dense)} | 1.00 | {_zs(dense)} | - | - |"]
     for plan in dict.fromkeys(r["plan"] for r in rows if r["kind"] != "dense"):
         group = [r for r in rows if r.get("plan") == plan]

@@ -148,7 +148,8 @@ class SlidingLayerMerging(Method):
         measured (:mod:`layerfold.methods.slm.estimate`); recorded in the plan's provenance."""
         if self.chosen_selection != "portfolio" or budget is None or not ctx.cache.layer_seconds:
             return
-        seconds = planning_seconds(ctx.cache, budget)
+        chooser = self.pair_chooser()
+        seconds = planning_seconds(ctx.cache, budget, chooser if isinstance(chooser, Shortlist) else None)
         ctx.info["planning_estimate_seconds"] = round(seconds, 1)
         if ctx.progress:
             tqdm.write(f"planning: about {seconds:.0f} s on this machine ({ctx.cache.layer_seconds * 1e3:.0f} ms "
