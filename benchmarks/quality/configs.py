@@ -1,7 +1,9 @@
 """The named configurations of the quality benchmark: name -> (method, options).
 
 A name says what the configuration runs; a row of results.jsonl names the configuration it measured.
-``slm`` is layerfold's default (portfolio selection, base merge, cosine pick, per-channel rescaling);
+``slm`` is layerfold's default (portfolio selection, base merge, cosine pick, per-channel rescaling; since
+commit 203d4c6 its greedy fold scores a shortlist of pairs, ``slm/shortlist``: rows named ``slm`` before it scored
+every pair, ``slm/all-pairs``, which gives the same plans everywhere but SmolLM2-135M at 35%);
 ``slm/no-rescale`` and ``slm/rescale-kl`` are earlier defaults kept under names that say what they are
 (rows once named ``slm/portfolio`` or ``slm/channels`` ran what ``slm/no-rescale`` and ``slm`` run, and
 carry those names).
@@ -22,7 +24,8 @@ PAPER = {"selection": "sliding", "merge": "diff", "rescale": "none"}  # slm-pape
 CONFIGS: dict[str, tuple[str, dict]] = {
     "slm": ("slm", {}),  # the default
     "slm/no-rescale": ("slm", {"rescale": "none"}),
-    "slm/shortlist": (LAB, {"pairs": "shortlist"}),  # the greedy fold scores a shortlist of pairs a step
+    "slm/shortlist": ("slm", {"pairs": "shortlist"}),  # the default since 203d4c6 (rows: run as slm-lab then)
+    "slm/all-pairs": ("slm", {"pairs": "all"}),  # the greedy fold scoring every pair: what rows named slm ran before
     "slm/rescale-kl": (LAB, {"rescale": "kl"}),  # one factor per window from a grid, by calibration KL
     "slm-paper": ("slm-paper", {}),
     "slm-reference": ("slm-reference", {}),
