@@ -96,7 +96,7 @@ def apply_plan(model: LoadedModel | torch.nn.Module, plan: Plan | PlanResult,
 def prune(model: LoadedModel | str | None = None, out: str | Path | None = None, method: str = "slm",
           target: Target | None = None, calibration: CalibrationConfig | None = None,
           options: dict | None = None, plan: str | Path | PlanResult | None = None, overwrite: bool = False,
-          ppl: tuple[str, ...] = (), ppl_windows: int | None = 40, progress: bool = True,
+          ppl: tuple[str, ...] = (), ppl_windows: int | None = 16, progress: bool = True,
           command: str | None = None, width=None, max_gpu_memory: str | int | None = None,
           compute_device: str | torch.device | None = None, max_shard_size: str | int = SHARD_SIZE,
           force: bool = False) -> PruneReport:
