@@ -55,7 +55,8 @@ def prune(
     calibration: Calibration,
     ppl: Annotated[str, typer.Option(
         help="Perplexity before and after, comma-separated sources ('' for none).")] = "ptb",
-    ppl_windows: Annotated[int, typer.Option(help="128-token windows per perplexity source (the check before and after; layerfold eval gives full figures).")] = 16,
+    ppl_windows: Annotated[int, typer.Option(
+        help="128-token windows per perplexity source (the check before and after; layerfold eval: full texts).")] = 16,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     placement: Placement,
 ) -> None:

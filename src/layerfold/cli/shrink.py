@@ -47,7 +47,8 @@ def shrink(
     held_out: Annotated[int, Opt(help="Held-out calibration windows that pick --split auto and --attention "
                                       "auto.")] = 16,
     ppl: Annotated[str, Opt(help="Perplexity before and after, comma-separated sources ('' for none).")] = "ptb",
-    ppl_windows: Annotated[int, Opt(help="128-token windows per perplexity source (the check before and after; layerfold eval gives full figures).")] = 16,
+    ppl_windows: Annotated[int, Opt(
+        help="128-token windows per perplexity source (the check before and after; layerfold eval: full texts).")] = 16,
     overwrite: Annotated[bool, Opt(help="Replace an existing output folder.")] = False,
     dtype: Annotated[str, Opt(help="float32, bfloat16, float16 or auto.")] = "float32",
     device: Annotated[str, Opt(help="cpu, cuda, cuda:N or auto.")] = "cpu",
