@@ -321,7 +321,7 @@ def write_report() -> None:
              "embedded SmolLM2-135M as the README's command does (float32, CPU, 10 x 128 calibration tokens,",
              "PTB perplexity before and after on the check's windows (a row's `check windows`: 40 before",
              "commit f573574, 16 from it), save). `matmul GFLOP/s`: the machine's float32 matrix-multiply rate just",
-             "before each run (min-max over the runs); this shared 2-core CPU has measured anywhere from 77 to 141",
+             "before each run (min-max over the runs); this shared 2-core CPU has measured anywhere from 77 to 163",
              "GFLOP/s within the same hour, and every stage scales with it.", ""]
     cpu_rows = [r for r in rows if r["kind"] == "cpu"]
     if cpu_rows:

@@ -25,7 +25,9 @@ def render(results: Path) -> str:
         row = json.loads(line)
         body = markdown(row["result"]).replace("## Streaming", "### Streaming")
         parts += ["", f"## {row['run']} ({row['machine']}, commit {row['commit']}, {row['date']})", "",
-                  f"    {row['command']}", "", body]
+                  f"    {row['command']}", ""]
+        parts += [f"Note: {row['note']}", ""] if row.get("note") else []
+        parts += [body]
     return "\n".join(parts) + "\n"
 
 
