@@ -157,21 +157,30 @@ def child(args) -> None:
         (Path(args.save_plans) / f"plan-{args.ratio}-{os.getpid()}.json").write_text(report.plan.to_json())
     plan = report.plan
     plan_seconds = sum(v for k, v in seconds.items() if k in PLAN_STAGES)
+    options = json.loads(args.options) if args.options else None
     print(json.dumps({"seconds": seconds, "end_to_end": end_to_end, "missing_stages": missing,
-                      "plan_seconds": plan_seconds, "estimate": estimate(caches, plan.removed_layers),
+                      "plan_seconds": plan_seconds, "estimate": estimate(caches, plan.removed_layers, options),
                       "threads": torch.get_num_threads(), "windows": [list(w) for w in plan.windows()],
                       "planning_seconds": plan.provenance.get("planning_seconds"),
                       "ppl_after": report.perplexity_after, "ppl_windows": report.ppl_windows}))
 
 
-def estimate(caches: list, budget: int) -> float | None:
+def estimate(caches: list, budget: int, options: dict | None = None) -> float | None:
     """The planning time layerfold's estimate gives from the plan's own capture (its layer time),
-    capture included (None where the package has no estimate)."""
+    capture included, for the default's options updated with ``options`` (None where the package has
+    no estimate)."""
     try:
         from layerfold.methods.slm.estimate import planning_seconds
     except ImportError:
         return None
-    return round(planning_seconds(caches[0], budget) + caches[0].layer_seconds * caches[0].num_layers, 2)
+    try:
+        from layerfold.methods.slm.shortlist import Shortlist
+    except ImportError:  # a commit before the shortlist: every pair
+        chooser = None
+    else:
+        chooser = Shortlist() if (options or {}).get("pairs", "shortlist") == "shortlist" else None
+    seconds = planning_seconds(caches[0], budget, chooser) if chooser else planning_seconds(caches[0], budget)
+    return round(seconds + caches[0].layer_seconds * caches[0].num_layers, 2)
 
 
 def git(*cmd: str) -> str:
