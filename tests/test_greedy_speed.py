@@ -153,6 +153,34 @@ def test_default_plan_announces_its_estimate_up_front(capsys):
                            progress=True)
     import re
 
-    estimate = result.plan.provenance["planning_estimate_seconds"]
+    estimate = result.plan.provenance["planning_estimate_seconds"]  # tenths of a second: 0.0 on a tiny model
     said = re.search(r"planning: about (\d+) s on this machine", capsys.readouterr().err)
-    assert estimate > 0 and said is not None and abs(int(said.group(1)) - estimate) <= 1
+    assert estimate >= 0 and said is not None and abs(int(said.group(1)) - estimate) <= 1
+    from layerfold.methods.slm.estimate import planning_seconds
+    from layerfold.methods.slm.shortlist import Shortlist
+
+    cache = engine_for(model).cache
+    assert cache.layer_seconds > 0
+    assert 0 < planning_seconds(cache, 2, Shortlist()) < planning_seconds(cache, 2)
+
+
+def test_default_greedy_fold_scores_its_shortlist_and_pairs_all_every_pair():
+    """``slm`` scores a shortlist of pairs by default and every pair with ``pairs=all``: the greedy
+    candidate of ``pairs=all`` is the reference fold's, and the shortlist scores fewer candidates."""
+    from layerfold import api
+    from layerfold.methods.base import Target
+    from layerfold.methods.slm import removed_layers
+    from layerfold.methods.slm.method import SlidingLayerMerging
+    from layerfold.methods.slm.shortlist import Shortlist
+    from layerfold.models.load import wrap_model
+
+    assert isinstance(SlidingLayerMerging().pair_chooser(), Shortlist)
+    assert SlidingLayerMerging(pairs="all").pair_chooser() is None
+    model = similar_llama(layers=12, seed=2)
+    tokens = torch.randint(0, model.config.vocab_size, (5, 16), generator=torch.Generator().manual_seed(1))
+    plans = {pairs: api.make_plan(wrap_model(model), "slm", Target(layers=8), tokens=tokens, progress=False,
+                                  options={"pairs": pairs}).plan for pairs in ("shortlist", "all")}
+    engine = engine_for(model)
+    reference = sorted(removed_layers(reference_greedy(engine, 4).windows))
+    assert plans["all"].scores["portfolio_removed"]["greedy"] == reference
+    assert plans["shortlist"].scores["candidates_evaluated"] < plans["all"].scores["candidates_evaluated"]

@@ -110,10 +110,17 @@ SAVER = textwrap.dedent("""
 """)
 
 
+def default_signals() -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def start_slow_save(out: Path) -> subprocess.Popen:
     """A real process saving a tiny model into ``out``, stopped inside the save (weights written)."""
+    # SIGTERM and SIGHUP at their defaults in the child, as in a terminal, even when the tests themselves run
+    # under nohup (an ignored SIGHUP is inherited, and layerfold rightly leaves it ignored)
     proc = subprocess.Popen([sys.executable, "-c", SAVER, str(out), str(TESTS)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     deadline = time.monotonic() + 300
     while not any(out.parent.glob(f".{out.name}.partial-*/ready")):
         if proc.poll() is not None or time.monotonic() > deadline:
