@@ -184,3 +184,22 @@ def test_default_greedy_fold_scores_its_shortlist_and_pairs_all_every_pair():
     reference = sorted(removed_layers(reference_greedy(engine, 4).windows))
     assert plans["all"].scores["portfolio_removed"]["greedy"] == reference
     assert plans["shortlist"].scores["candidates_evaluated"] < plans["all"].scores["candidates_evaluated"]
+
+
+def test_estimate_counts_the_shortlists_first_step_exactly():
+    """The estimate's first shortlist step is the layer runs the fold's first step makes: the pairs of
+    lowest block influence, each running the layers above the one it removes."""
+    from layerfold.methods.shortgpt import block_influence
+    from layerfold.methods.slm.estimate import shortlist_layer_runs
+    from layerfold.methods.slm.shortlist import Shortlist
+
+    engine = engine_for(similar_llama(layers=10, seed=4))
+    shortlist = Shortlist(first_step=4)
+    calls = []
+    hooks = [layer.register_forward_hook(lambda *_: calls.append(1)) for layer in engine.cache.layers]
+    try:
+        greedy_fold(engine, 1, progress=False, pairs=shortlist)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(calls) / engine.cache.batches() == shortlist_layer_runs(block_influence(engine.cache), 1, shortlist)
