@@ -296,3 +296,12 @@ def test_device_is_auto_unless_given(command, run, monkeypatch, tmp_path, tiny_m
     for device in ([], ["--device", "cpu"]):
         assert_user_error(run(command, tiny_model_dir("llama"), *args, *device), "stopped after the load")
     assert asked == ["auto", "cpu"]
+
+
+def test_methods_lists_every_method_and_shows_one_methods_options(run):
+    code, out, _ = run("methods")
+    assert code == 0 and "slm " in out and "shortgpt" in out and "merge operators:" in out
+    code, out, _ = run("methods", "SLM")
+    assert code == 0 and "Sliding Layer Merging" in out
+    assert "pairs           default 'shortlist'" in out and "rescale         default 'channels'" in out
+    assert_user_error(run("methods", "slmm"), "Did you mean 'slm'")
