@@ -87,3 +87,16 @@ def test_default_model_prune_save_reload(pruned_by_cli):
     greedy = _greedy(lm.model, lm.tokenizer)
     assert torch.equal(greedy, _greedy(reloaded, lm.tokenizer))
     assert lm.tokenizer.decode(greedy[0, -8:], skip_special_tokens=True).strip()
+
+
+def test_the_conversion_reads_the_gguf_once_and_leaves_gguf_as_it_was():
+    """The default model's conversion memoises gguf's reader and tensor-name map only within it."""
+    import gguf
+
+    from layerfold.models.default import _gguf_read_once
+
+    reader, names = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _gguf_read_once():
+        assert gguf.GGUFReader is not reader and gguf.get_tensor_name_map is not names
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    assert gguf.GGUFReader is reader and gguf.get_tensor_name_map is names

@@ -7,8 +7,11 @@ later run loads in about a second with no GGUF code involved.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -47,13 +50,39 @@ def verify_sha256(path: Path, expected: str) -> None:
         raise LayerfoldError(f"checksum mismatch for {path}: expected {expected}, got {digest.hexdigest()}")
 
 
+@contextmanager
+def _gguf_read_once() -> Iterator[None]:
+    """Within ``with``: the ``gguf`` package's file reader and tensor-name map are memoised.
+
+    transformers parses the GGUF file anew for the config, the weights and the tokenizer, and builds
+    the tensor-name map once per tensor; both are pure functions of their arguments, and on 2 CPU
+    cores they were most of the one-time conversion (about 25 s of 27).  transformers imports both
+    from ``gguf`` at call time, so memoising them there is enough; they are restored on exit."""
+    try:
+        import gguf
+    except ImportError:  # reported by the caller, from transformers' own message
+        yield
+        return
+    saved = {name: getattr(gguf, name, None) for name in ("GGUFReader", "get_tensor_name_map")}
+    for name, original in saved.items():
+        if original is not None:
+            setattr(gguf, name, functools.lru_cache(maxsize=None)(original))
+    try:
+        yield
+    finally:
+        for name, original in saved.items():
+            if original is not None:
+                setattr(gguf, name, original)
+
+
 def convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
     """Dequantise a GGUF checkpoint into a plain safetensors folder, written atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file, trust_remote_code=False)
+        with _gguf_read_once():
+            gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file, trust_remote_code=False)
     except ImportError as exc:  # gguf missing
         raise LayerfoldError(f"reading the GGUF default model needs the `gguf` package: {exc}") from exc
     config = gguf_model.config
