@@ -145,10 +145,13 @@ def test_pick_choice_needs_the_portfolio():
 
 
 def test_slm_lab_gives_slms_plans_for_slms_options():
+    """slm-lab's greedy fold scores every pair by default (as when its options were measured): it gives
+    slm's plans with pairs=all, and with the shortlist when asked for it."""
     model, toks = tiny_llama(layers=10, seed=4), tokens()
-    for options in ({}, {"selection": "greedy", "rescale": "none"}, {"threshold": 0.99}):
+    for options in ({}, {"selection": "greedy", "rescale": "none"}, {"threshold": 0.99}, {"pairs": "shortlist"}):
         target = Target() if "threshold" in options else Target(layers=7)
-        ours = api.make_plan(wrap_model(model), "slm", target, options=options, tokens=toks, progress=False).plan
+        ours = api.make_plan(wrap_model(model), "slm", target, options={"pairs": "all", **options}, tokens=toks,
+                             progress=False).plan
         lab_plan = api.make_plan(wrap_model(model), "slm-lab", target, options=options, tokens=toks,
                                  progress=False).plan
         assert lab_plan.method == "slm-lab"

@@ -189,6 +189,7 @@ class SlmLab(SlidingLayerMerging):
     pick: Literal["criterion", "kl", "choice"] = "criterion"
     choice_items: int = Field(default=400, ge=1)
     rescale: LabRescale | None = None  # unset: channels, or none with fit=ridge
+    pairs: Literal["shortlist", "all"] = "all"  # every pair, as when these options were measured
 
     @property
     def chosen_rescale(self) -> str:

@@ -79,6 +79,13 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "slm/optimal+channels": ("slm", {"selection": "optimal"}),
     "slm/angular+channels": ("slm", {"selection": "angular"}),
 }
+# Rows of configurations whose greedy fold runs (selection greedy or portfolio) were measured before the
+# default scored a shortlist of pairs: they keep scoring every pair (pairs=all), so that they still run what
+# their rows measured; slm and slm/shortlist are the default's (slm-lab scores every pair by default).
+for _name, (_method, _options) in CONFIGS.items():
+    if (_method == "slm" and _name not in ("slm", "slm/shortlist") and "pairs" not in _options
+            and _options.get("selection") in (None, "greedy", "portfolio")):
+        _options["pairs"] = "all"
 WITH_CHANNELS = ("shortgpt+channels", "sleb+channels")
 CALIB_REPEATS = ("slm/books+repeats",)
 BASELINES = ["shortgpt", "sleb", "angular", "laco", "shortened-ppl", "shortened-taylor", "last-n"]
