@@ -1,7 +1,8 @@
 """Method ``slm-lab``: ``slm`` with the options that were measured and not adopted.
 
 It accepts every option of ``slm`` and these, and gives the plans ``slm`` gave with them before
-they left the package (their measured outcomes: docs/measured-options.md):
+they left the package (their measured outcomes: docs/measured-options.md); its greedy fold scores
+every pair (``pairs=all``) unless told otherwise, as ``slm``'s did then:
 
 - ``fit=ridge`` (``ridge``): each fused layer's MLP output projection refitted in closed form on
   the calibration activations (:mod:`correction`); the fitted weights travel beside the plan.
