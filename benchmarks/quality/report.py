@@ -28,7 +28,8 @@ SELECTION = "ppl/ptb-valid@128"
 # configurations whose name needs a word in the tables: the default's greedy fold scores a shortlist of pairs
 # (pairs=shortlist) since commit 203d4c6; rows named slm measured before it scored every pair (pairs=all), which
 # gives the same plans everywhere but SmolLM2-135M at 35%, where slm/shortlist is today's default
-NOTES = {"slm/shortlist": "today's default where its plan differs", "slm/all-pairs": "pairs=all"}
+SHORTLIST = "slm/shortlist"
+NOTES = {SHORTLIST: "pairs=shortlist, the default's since 203d4c6", "slm/all-pairs": "pairs=all"}
 
 
 def files_of(spec: str) -> list[Path]:
@@ -96,12 +97,19 @@ def table(rows: dict, ratio: float, default: str) -> str:
     dense = rows.get(("dense", 0.0))
     chosen = [(k, r) for k, r in rows.items() if k[1] == ratio]
     chosen.sort(key=lambda kr: kr[1].get(SELECTION) or float("inf"))
+    # where the shortlist's plan differs from the one rows named slm measured, it is today's default
+    moved = any(name == SHORTLIST and not r.get("same_plan_as") for (name, _), r in chosen)
     for (name, _), r in ([(("dense", 0.0), dense)] if dense else []) + chosen:
         zs = r.get("zeroshot", {})
-        label = f"**{name}** (default)" if name == default else name
+        if name == default and moved:
+            label = f"{name} (pairs=all: the default's plan before 203d4c6)"
+        elif name == SHORTLIST and moved:
+            label = f"**{name}** (default since 203d4c6)"
+        else:
+            label = f"**{name}** (default)" if name == default else name
         if r.get("same_plan_as"):
             label += f" = {r['same_plan_as']} (same plan)"
-        if name in NOTES:
+        if name in NOTES and not (name == SHORTLIST and moved):
             label += f" ({NOTES[name]})"
         cells = [label, str(r.get("layers", "-")), fmt(r.get("prune_seconds"), 2)]
         cells += [fmt(r.get(k)) for k in PPL]
