@@ -60,10 +60,10 @@ class SlidingLayerMerging(Method):
       down a window grows while the similarity stays at or above ``threshold``.  Unset, the
       selection is ``sliding`` when a ``threshold`` is given, ``greedy`` when ``merge`` or
       ``norms`` is not ``base``, else ``portfolio``.
-    - ``pairs``: which pairs each step of the greedy fold scores: ``shortlist`` (the default) a
-      few, each exactly (:mod:`layerfold.methods.slm.shortlist`), about a quarter of the work;
-      ``all`` every pair, as the fold did before (slower; on SmolLM2-135M at 35% it gives another
-      plan).
+    - ``pairs``: which pairs each step of the greedy fold scores (with ``merge=base``; a fold that
+      builds fused layers scores every pair): ``shortlist`` (the default) a few, each exactly
+      (:mod:`layerfold.methods.slm.shortlist`), about a quarter of the work; ``all`` every pair, as
+      the fold did before (slower; on SmolLM2-135M at 35% it gives another plan).
     - ``criterion``: the similarity that scores a candidate: the cosine of the pruned model's final
       hidden states with the original's (``output-cosine``), linear or RBF CKA or the angular
       distance between layer outputs, or the calibration loss (``loss``, with a target size only).
