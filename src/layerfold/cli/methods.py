@@ -28,8 +28,8 @@ def methods(name: Annotated[str | None, typer.Argument(help="A method: its descr
             for key, field in fields.items():
                 typer.echo(f"  {key:15s} default {field.default!r}")
         return
-    for name in METHODS.names():
-        doc = (METHODS.get(name).__doc__ or "").strip().splitlines()[0]
-        typer.echo(f"{name:18s} {doc}")
+    for each in METHODS.names():
+        doc = (METHODS.get(each).__doc__ or "").strip().splitlines()[0]
+        typer.echo(f"{each:18s} {doc}")
     typer.echo("merge operators: " + ", ".join(MERGES.names()))
     typer.echo("layerfold methods NAME: one method's description and options")

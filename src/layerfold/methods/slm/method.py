@@ -25,7 +25,7 @@ from layerfold.methods.slm.engine import (
     windows_of,
 )
 from layerfold.methods.slm.estimate import planning_seconds
-from layerfold.methods.slm.greedy import PairChooser, greedy_fold
+from layerfold.methods.slm.greedy import greedy_fold
 from layerfold.methods.slm.selection import angular_removal, influence_removal, portfolio_candidates
 from layerfold.methods.slm.shortlist import Shortlist
 from layerfold.plan import Operation
@@ -148,8 +148,7 @@ class SlidingLayerMerging(Method):
         measured (:mod:`layerfold.methods.slm.estimate`); recorded in the plan's provenance."""
         if self.chosen_selection != "portfolio" or budget is None or not ctx.cache.layer_seconds:
             return
-        chooser = self.pair_chooser()
-        seconds = planning_seconds(ctx.cache, budget, chooser if isinstance(chooser, Shortlist) else None)
+        seconds = planning_seconds(ctx.cache, budget, self.pair_chooser())
         ctx.info["planning_estimate_seconds"] = round(seconds, 1)
         if ctx.progress:
             tqdm.write(f"planning: about {seconds:.0f} s on this machine ({ctx.cache.layer_seconds * 1e3:.0f} ms "
@@ -191,7 +190,7 @@ class SlidingLayerMerging(Method):
         return SlmRun(windows=windows, scores=dict.fromkeys(windows, scores[pick])), {**extra, **picked,
                                                                                       "portfolio_pick": pick}
 
-    def pair_chooser(self) -> PairChooser | None:
+    def pair_chooser(self) -> Shortlist | None:
         """Which pairs each step of the greedy fold scores (None: every pair)."""
         return Shortlist() if self.pairs == "shortlist" else None
 
