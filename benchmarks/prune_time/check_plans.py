@@ -9,10 +9,14 @@ tokens, seed 1234) and writes what decides it: the windows, every channel factor
 stores it (six decimals), the portfolio's candidates and scores, and the greedy fold's windows.
 Run it with two versions of the package (``PYTHONPATH=<copy>/src``) and ``compare`` the files.
 
+    python benchmarks/prune_time/check_plans.py sizes smollm2-trace.jsonl gemma-trace.jsonl --record
+
 ``trace`` runs the greedy fold scoring every candidate at every step and records, per step, each
 candidate's exact score, its rank by the shortlist's proxy and the pair chosen: the margin by
 which the shortlist contains the winner.  ``--model`` is ``smollm2`` (the embedded model) or
 a model folder (e.g. Gemma-3-270M converted from its GGUF wheels, see /work/shared/ASSETS.md).
+``sizes`` replays full-fold traces through every shortlist size of a grid and records which sizes
+follow every step of every trace, and at what cost in decoder-layer runs.
 """
 
 from __future__ import annotations
@@ -56,21 +60,12 @@ def compare(args) -> None:
     sys.exit(0 if all(same.values()) else 1)
 
 
-def influence(entering, k: int) -> float:
-    """Block influence of segment ``k + 1`` in the current folded model: 1 - mean token cosine of
-    the state entering it and the state leaving it."""
-    import torch
-
-    a = torch.cat([h.double() for h in entering[k + 1]]).flatten(0, -2)
-    b = torch.cat([h.double() for h in entering[k + 2]]).flatten(0, -2)
-    return float(1 - torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
-
-
 def trace(args) -> None:
     from layerfold.calibrate import capture
     from layerfold.data.tokens import CalibrationConfig, sample_windows
     from layerfold.methods.base import Target
     from layerfold.methods.slm import SlmEngine, greedy_fold
+    from layerfold.methods.slm.shortlist import segment_influence
     from layerfold.models.arch import layer_parameter_count
 
     loaded = load(args.model)
@@ -83,7 +78,7 @@ def trace(args) -> None:
     rows = []
 
     def observe(step) -> None:
-        proxy = [influence(step.entering, k) for k in range(len(step.segments) - 1)]
+        proxy = segment_influence(step.entering)
         order = sorted(step.scores, key=lambda k: -step.scores[k])
         by_proxy = sorted(range(len(proxy)), key=lambda k: proxy[k])
         rows.append({"segments": step.segments, "scored": sorted(step.scores),
@@ -101,7 +96,6 @@ def trace(args) -> None:
     start = time.perf_counter()
     shortlist = None
     if args.shortlist:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from layerfold.methods.slm.shortlist import Shortlist
 
         shortlist = Shortlist()
@@ -157,6 +151,70 @@ def verdict(args) -> None:
     print(json.dumps(row))
 
 
+def follow(rows: list[dict], shortlist) -> tuple[int, int]:
+    """Replay a full fold's trace (``rows``, every pair scored at every step) through ``shortlist``:
+    the steps at which its best shortlisted pair is the full fold's choice before it first is not,
+    and the decoder-layer runs it spends on them (a pair runs the segments above the one it removes).
+    Exact while the paths agree: a shortlisted pair's score is the one the full fold gave it."""
+    last: dict = {}
+    formed = None
+    runs = 0
+    for step, row in enumerate(rows):
+        segments = [tuple(seg) for seg in row["segments"]]
+        scores = dict(zip(row["scored"], row["scores"], strict=True))
+        chosen = shortlist.choose(segments, row["influence"], last, formed)
+        runs += sum(len(segments) - (k + 2) for k in chosen)
+        best = max(chosen, key=lambda k: scores[k])  # ties: the lowest, as the fold does
+        if best != row["chosen"]:
+            return step, runs
+        last.update({(segments[k], segments[k + 1]): scores[k] for k in chosen})
+        formed = (segments[best][0], segments[best + 1][1])
+    return len(rows), runs
+
+
+def sizes(args) -> None:
+    """Every shortlist size of a grid replayed on full-fold traces: the sizes that follow every step of
+    every trace, cheapest first, with their layer runs per trace and budget; one row to results.jsonl."""
+    import itertools
+
+    from layerfold.methods.slm.shortlist import Shortlist
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from run import cpu_machine, provenance
+
+    traces = {}
+    for path in args.traces:
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        steps = [r for r in rows if r["kind"] == "step" and not r["shortlist"]]
+        traces[steps[0]["model"]] = steps
+    full = {m: sum(sum(len(r["segments"]) - (k + 2) for k in r["scored"]) for r in steps) for m, steps in traces.items()}
+    grid = []
+    for by_score, by_influence, first_step in itertools.product(range(5), range(4), range(2, 16)):
+        shortlist = Shortlist(by_score, by_influence, first_step)
+        outcome = {m: follow(steps, shortlist) for m, steps in traces.items()}
+        grid.append({"by_score": by_score, "by_influence": by_influence, "first_step": first_step,
+                     "follows": all(done == len(traces[m]) for m, (done, _) in outcome.items()),
+                     "steps_followed": {m: done for m, (done, _) in outcome.items()},
+                     "layer_runs": {m: runs for m, (_, runs) in outcome.items()}})
+    following = sorted((g for g in grid if g["follows"]), key=lambda g: sum(g["layer_runs"].values()))
+    default = Shortlist()
+    mine = next(g for g in grid if (g["by_score"], g["by_influence"], g["first_step"])
+                == (default.by_score, default.by_influence, default.first_step))
+    row = {"kind": "shortlist-sizes", "traces": {m: len(steps) for m, steps in traces.items()},
+           "full_fold_layer_runs": full, "grid_size": len(grid), "following": following[:8],
+           "following_count": len(following), "default": mine,
+           "also": [g for g in grid if f"{g['by_score']},{g['by_influence']},{g['first_step']}" in args.also],
+           **provenance(sys.argv[1:]), "machine": cpu_machine(),
+           "note": args.note}
+    row["command"] = row["command"].replace("run.py", "check_plans.py")
+    if args.record:
+        with (Path(__file__).parent / "results.jsonl").open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+    print(json.dumps({k: row[k] for k in ("traces", "full_fold_layer_runs", "following_count", "default")}))
+    for g in following[:8]:
+        print(g["by_score"], g["by_influence"], g["first_step"], g["layer_runs"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -174,11 +232,17 @@ def main() -> None:
     p.add_argument("--exact", required=True, help="the full fold's trace (step rows or printed log)")
     p.add_argument("--short", required=True, help="the shortlist fold's trace")
     p.add_argument("--note", default="")
+    p = sub.add_parser("sizes")
+    p.add_argument("traces", nargs="+", help="full-fold traces (trace's --out, without --shortlist)")
+    p.add_argument("--note", default="")
+    p.add_argument("--record", action="store_true", help="append the outcome to results.jsonl")
+    p.add_argument("--also", nargs="*", default=[], metavar="S,I,F",
+                   help="sizes (by_score,by_influence,first_step) whose outcome the row also keeps")
     p = sub.add_parser("compare")
     p.add_argument("a")
     p.add_argument("b")
     args = parser.parse_args()
-    {"plan": plan, "compare": compare, "trace": trace, "verdict": verdict}[args.mode](args)
+    {"plan": plan, "compare": compare, "trace": trace, "verdict": verdict, "sizes": sizes}[args.mode](args)
 
 
 if __name__ == "__main__":

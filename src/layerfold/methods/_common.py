@@ -64,18 +64,27 @@ def output_kl(cache: LayerCache, outputs: Hidden) -> float:
     from the pruned model's last-layer per-batch ``outputs`` (before the final norm); the
     original's are the cache's last outputs.  Logits are made ``_LOGIT_ROWS`` tokens at a time
     for both models, so memory stays bounded on large vocabularies."""
+    return output_kls(cache, [outputs])[0]
+
+
+@torch.no_grad()
+def output_kls(cache: LayerCache, variants: list[Hidden]) -> list[float]:
+    """:func:`output_kl` of several pruned models' ``variants`` at once: the original's
+    distributions are made once for all of them."""
     norm = cache.arch.final_norm_module(cache.model)
-    total, count = 0.0, 0
-    for ref, out in zip(cache.inputs[cache.num_layers], outputs, strict=True):
+    totals, count = [0.0] * len(variants), 0
+    for ref, *outs in zip(cache.inputs[cache.num_layers], *variants, strict=True):
         width = ref.shape[-1]
         ref_states = norm(ref.to(cache.device)).reshape(-1, width)
-        out_states = norm(out.to(cache.device)).reshape(-1, width)
+        out_states = [norm(out.to(cache.device)).reshape(-1, width) for out in outs]
         for start in range(0, ref_states.shape[0], _LOGIT_ROWS):
             p = torch.log_softmax(_logits(cache, ref_states[start:start + _LOGIT_ROWS]), dim=-1)
-            q = torch.log_softmax(_logits(cache, out_states[start:start + _LOGIT_ROWS]), dim=-1).to(p.device)
-            total += float((p.exp() * (p - q)).sum())
+            weights = p.exp()
+            for i, states in enumerate(out_states):
+                q = torch.log_softmax(_logits(cache, states[start:start + _LOGIT_ROWS]), dim=-1).to(p.device)
+                totals[i] += float((weights * (p - q)).sum())
         count += ref_states.shape[0]
-    return total / count
+    return [total / count for total in totals]
 
 
 @torch.no_grad()

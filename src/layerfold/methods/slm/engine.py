@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from layerfold.calibrate import LayerCache
 from layerfold.errors import LayerfoldError
 from layerfold.merge import build_fused_layer, scale_branches
-from layerfold.methods._common import calibration_loss, output_kl
+from layerfold.methods._common import calibration_loss, output_kls
 from layerfold.similarity import sample_cosine, similarity_matrix
 
 CRITERIA = ("output-cosine", "cka-linear", "cka-rbf", "angular", "loss")
@@ -378,10 +378,16 @@ class SlmEngine:
     def kl_of(self, windows: list[Window], modules: dict[int, torch.nn.Module] | None = None) -> float:
         """KL(original || pruned) on the calibration tokens of the model with ``windows`` folded,
         their fused layers replaced by ``modules`` (window base -> layer) where given."""
+        return self.kls_of(windows, [modules])[0]
+
+    def kls_of(self, windows: list[Window], variants: list[dict[int, torch.nn.Module] | None]) -> list[float]:
+        """:meth:`kl_of` for each of ``variants`` (fused layers by window base; None: the base
+        layers), the original's distributions made once for all."""
         windows = sorted(windows)
         if not windows:
-            return 0.0
-        return output_kl(self.cache, self.cache.run(windows[0][0], self._folded(windows, modules)))
+            return [0.0] * len(variants)
+        outputs = [self.cache.run(windows[0][0], self._folded(windows, modules)) for modules in variants]
+        return output_kls(self.cache, outputs)
 
     def search(self, budget: int, progress: bool = True, loop: SlidingLoop = PAPER_LOOP) -> tuple[float, SlmRun]:
         """Highest threshold at which the budgeted loop removes exactly ``budget`` layers.

@@ -205,11 +205,10 @@ class SlidingLayerMerging(Method):
         float32 factors) and what the plan records (the calibration KL before and after)."""
         if self.rescale != "channels":
             return {}, {}
-        before = engine.kl_of(run.windows)
         channels, modules = engine.fit_channels(run.windows, self.channel_ridge, progress=ctx.progress)
         detail = {w: {"channel_scale": channel_lists(c)} for w, c in channels.items()}
-        return detail, {"channels": {"ridge": self.channel_ridge, "kl_before": before,
-                                     "kl_after": engine.kl_of(run.windows, modules)}}
+        before, after = engine.kls_of(run.windows, [None, modules])
+        return detail, {"channels": {"ridge": self.channel_ridge, "kl_before": before, "kl_after": after}}
 
     @staticmethod
     def stop_detail(window: Window, run: SlmRun) -> dict:
