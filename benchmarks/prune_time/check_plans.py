@@ -187,7 +187,7 @@ def sizes(args) -> None:
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
         steps = [r for r in rows if r["kind"] == "step" and not r["shortlist"]]
         traces[steps[0]["model"]] = steps
-    full = {m: sum(sum(len(r["segments"]) - (k + 2) for k in r["scored"]) for r in steps) for m, steps in traces.items()}
+    full = {m: sum(len(r["segments"]) - (k + 2) for r in steps for k in r["scored"]) for m, steps in traces.items()}
     grid = []
     for by_score, by_influence, first_step in itertools.product(range(5), range(4), range(2, 16)):
         shortlist = Shortlist(by_score, by_influence, first_step)

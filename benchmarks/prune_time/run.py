@@ -56,6 +56,7 @@ STAGES = [
     ("layerfold.methods.slm.engine", "SlmEngine.score_removal", "candidate scoring"),
     ("layerfold.methods.slm.engine", "SlmEngine.fit_channels", "channel fit"),
     ("layerfold.methods.slm.engine", "SlmEngine.kl_of", "KL"),
+    ("layerfold.methods.slm.engine", "SlmEngine.kls_of", "KL"),  # both KLs, the original's distributions made once
     ("layerfold.api", "apply_plan", "apply"),
     ("layerfold.api", "save_model", "save"),
 ]

@@ -178,8 +178,25 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def generation(rows: list[dict]) -> str:
+    """The writing-speed rows of ``gen_speed.py``: tokens per second by samples per batch."""
+    if not rows:
+        return "Not measured yet (`gen_speed.py`)."
+    lines = ["| samples a batch | new tokens a sample | batches | steady tok/s | all batches tok/s | peak GiB | "
+             "commit | date | machine |", "|---" * 9 + "|"]
+    for r in rows:
+        steady = r.get("error") or _speed(r.get("steady_tokens_per_second"))
+        lines.append(f"| {r['batch']} | {r['length']} | {r.get('chunks')} | {steady} | "
+                     f"{_speed(r.get('tokens_per_second'))} | {r.get('peak_gib')} | {r['commit']} | "
+                     f"{r['date'][:16].replace('T', ' ')} UTC | {r['machine'].get('gpu', 'CPU')} |")
+    commands = sorted({r["command"] for r in rows})
+    return "\n".join(lines) + "\n\n" + "\n".join(f"    {c}" for c in commands)
+
+
 def main() -> None:
     rows = load()
+    written = [r for r in rows if r["kind"] == "generation-speed"]
+    rows = [r for r in rows if r["kind"] != "generation-speed"]
     current = merged([r for r in rows if "source" not in r])
     earlier = [r for r in rows if "source" in r]
     meta = current[0]
@@ -248,6 +265,10 @@ window with WikiText-2, PTB or LAMBADA (`self_text.filter` in the rows).
 
 - Writing the text: `generate` with a static cache (transformers compiles its decoding step), 1024 samples of
   264 tokens a batch: the `text written` column, steady rate without the first batch (which compiles).
+- Writing speed by samples a batch (`gen_speed.py`: the default recipe, dense model in bf16, no cache):
+
+{generation(written)}
+
 - Training: the `train tok/s` column, tokens of the budget per second of the step loop, bf16 autocast, 64 blocks
   of 256 tokens per micro-batch, one micro-batch per step; `layers-self` includes the teacher's forward pass.
 

@@ -92,7 +92,7 @@ class Rows:
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         log(f"row: {row.get('plan', 'dense')} {row.get('arm', '')} {row.get('budget', '')} "
-            f"{ {k: round(v, 2) for k, v in row['perplexity'].items()} }")
+            f"{ {k: round(v, 2) for k, v in row.get('perplexity', {}).items()} }")
 
 
 def evaluate(model: torch.nn.Module, tokenizer, args) -> dict[str, float]:
