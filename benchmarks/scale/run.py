@@ -258,7 +258,7 @@ def main() -> int:
     parser.add_argument("--slm-set", action="append", default=[], metavar="KEY=VALUE",
                         help="slm options for every run (skips the automatic choice)")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="plan the streamed slm this many times (its row keeps every time, the minimum, the median)")
+                        help="plan the streamed slm this many times (the row keeps each time, the minimum, the median)")
     parser.add_argument("--save-dir", type=Path, default=None, help="where the pruned model is written, then removed")
     args = parser.parse_args()
 
