@@ -117,3 +117,39 @@ def test_seq_len_too_small(tiny_tokenizer):
 def test_unknown_source(tiny_tokenizer):
     with pytest.raises(LayerfoldError, match="Did you mean 'wikitext2'"):
         perplexity(Bigram(VOCAB), tiny_tokenizer, "wikitext", progress=False)
+
+
+def test_unpruned_check_is_remembered_per_weights(tmp_path, monkeypatch, tiny_model, tiny_tokenizer):
+    """``perplexities(remember=True)`` measures a model once and reads the figure back after that;
+    other weights (or no ``remember``) are measured anew, and a damaged cache entry is measured again."""
+    from layerfold.evaluate.perplexity import perplexities
+
+    monkeypatch.setenv("LAYERFOLD_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat; the dog sat on the log. " * 12)
+    calls = []
+
+    def loaded_of(model):
+        from layerfold.models.load import wrap_model
+
+        model.register_forward_hook(lambda *_: calls.append(1))
+        loaded = wrap_model(model.eval())
+        loaded.tokenizer = tiny_tokenizer
+        return loaded
+
+    first = loaded_of(tiny_model("llama"))
+    measured = perplexities(first, (str(text),), None, progress=False, remember=True)
+    assert len(calls) == 1
+    assert perplexities(first, (str(text),), None, progress=False, remember=True) == measured
+    assert len(calls) == 1  # read back, not measured
+    assert perplexities(first, (str(text),), None, progress=False) == measured
+    assert len(calls) == 2  # without remember: measured
+    memo = next((tmp_path / "cache" / "perplexity").glob("*.json"))
+    memo.write_text("{not json")
+    assert perplexities(first, (str(text),), None, progress=False, remember=True) == measured
+    assert len(calls) == 3
+    other = loaded_of(tiny_model("llama"))
+    with torch.no_grad():
+        next(other.model.model.layers[0].parameters()).add_(1.0)
+    perplexities(other, (str(text),), None, progress=False, remember=True)
+    assert len(calls) == 4

@@ -132,7 +132,7 @@ def prune(model: LoadedModel | str | None = None, out: str | Path | None = None,
     start = time.perf_counter()
     layers_before = len(loaded.arch.layer_list(loaded.model))
     params_before = parameter_count(loaded.model)
-    before = perplexities(loaded, ppl, ppl_windows, progress, max_gpu_memory, compute_device)
+    before = perplexities(loaded, ppl, ppl_windows, progress, max_gpu_memory, compute_device, remember=True)
     if plan is None:
         result = make_plan(loaded, method, target, calibration, options, progress, max_gpu_memory=max_gpu_memory,
                            compute_device=compute_device)

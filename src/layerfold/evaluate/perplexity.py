@@ -11,8 +11,12 @@ windows.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -92,14 +96,64 @@ def perplexity(model, tokenizer, source: str, seq_len: int = 128, bos: bool = Fa
 
 
 def perplexities(loaded, sources: tuple[str, ...], windows: int | None, progress: bool = True,
-                 max_gpu_memory: str | int | None = None, compute_device=None) -> dict[str, float]:
+                 max_gpu_memory: str | int | None = None, compute_device=None,
+                 remember: bool = False) -> dict[str, float]:
     """Perplexity of ``loaded`` on each source (128-token windows, the first ``windows``), streamed
-    through the GPU when ``max_gpu_memory`` is given (:func:`layerfold.streaming.streaming_for`)."""
+    through the GPU when ``max_gpu_memory`` is given (:func:`layerfold.streaming.streaming_for`).
+
+    ``remember``: a figure measured before for the same weights (their fingerprint), source,
+    windows, dtype and device kind is read from layerfold's cache instead of measured again, and a
+    new one is written there: the unpruned model's check, which every prune of it repeats."""
     from layerfold.data.tokens import CalibrationConfig
     from layerfold.streaming import streaming_for
 
     if not sources:
         return {}
-    with streaming_for(loaded, max_gpu_memory, compute_device, CalibrationConfig(samples=8)):
-        return {s: perplexity(loaded.model, loaded.tokenizer, s, max_windows=windows, progress=progress).perplexity
-                for s in sources}
+    keys = {s: _memo_path(loaded, s, windows, max_gpu_memory) for s in sources} if remember else {}
+    known = {s: _read_memo(path) for s, path in keys.items()}
+    todo = [s for s in sources if known.get(s) is None]
+    if todo:
+        with streaming_for(loaded, max_gpu_memory, compute_device, CalibrationConfig(samples=8)):
+            for s in todo:
+                known[s] = perplexity(loaded.model, loaded.tokenizer, s, max_windows=windows,
+                                      progress=progress).perplexity
+                if s in keys:
+                    _write_memo(keys[s], known[s])
+    if progress and len(todo) < len(sources):
+        tqdm.write(f"perplexity of the unpruned model on {', '.join(s for s in sources if s not in todo)}: "
+                   "from an earlier run's measurement (layerfold cache)")
+    return {s: known[s] for s in sources}
+
+
+def _memo_path(loaded, source: str, windows: int | None, max_gpu_memory) -> Path:
+    """Where a remembered figure lives: a digest of everything that decides it."""
+    from layerfold.assets import cache_dir
+    from layerfold.models.fingerprint import model_fingerprint
+    from layerfold.version import __version__
+
+    param = next(loaded.model.parameters())
+    device = "streamed" if max_gpu_memory is not None else param.device.type
+    facts = {"model": model_fingerprint(loaded.model), "source": source, "windows": windows, "seq_len": 128,
+             "bos": False, "batch_size": 8, "dtype": str(param.dtype), "device": device, "layerfold": __version__,
+             "torch": torch.__version__}
+    digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir() / "perplexity" / f"{digest}.json"
+
+
+def _read_memo(path: Path) -> float | None:
+    try:
+        value = json.loads(path.read_text())["perplexity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def _write_memo(path: Path, value: float) -> None:
+    """Written whole or not at all (a temporary file renamed); a cache that cannot be written is skipped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"perplexity": value}))
+        tmp.replace(path)
+    except OSError:
+        pass

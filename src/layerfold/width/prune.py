@@ -44,7 +44,7 @@ def prune_with_width(loaded: LoadedModel | str | None, out: str | Path | None, r
     calibration = calibration or CalibrationConfig()
     start = time.perf_counter()
     layers_before, params_before = len(loaded.arch.layer_list(loaded.model)), parameter_count(loaded.model)
-    before = perplexities(loaded, ppl, ppl_windows, progress)
+    before = perplexities(loaded, ppl, ppl_windows, progress, remember=True)
     summary = None
     if request.split is not None:
         result = depth_width_prune(loaded, target.param_ratio, request.split, method, calibration, options,
