@@ -15,6 +15,9 @@ every pair (``pairs=all``) unless told otherwise, as ``slm``'s did then:
 - ``rescale=kl``, ``criterion`` or ``channels+kl``: one factor per window for the whole fused
   layer, chosen from a grid by that KL or by the criterion (after the channel factors for
   ``channels+kl``).
+- ``shortlist`` (with ``pairs=shortlist``): the greedy fold's shortlist sizes (by last score, by
+  block influence, at the first step); ``[3, 3, 6]`` was the default's from commit 203d4c6 on, until
+  its SmolLM2-135M plan at 35% left the full fold's and the sizes became 3, 1, 12.
 - ``scale``: the difference merge's scale, theta_base + scale * sum_k (theta_k - theta_base).  The
   engine scores windows with it, but surgery builds the fused layers with scale 1 (the plan
   records it only in its ``merge``), as before.
@@ -35,6 +38,7 @@ from layerfold.methods._common import output_kl
 from layerfold.methods.base import METHODS, PlanContext, register
 from layerfold.methods.slm import SlidingLayerMerging, SlmEngine, SlmRun, Window, removed_layers, windows_of
 from layerfold.methods.slm.method import REMOVAL_SELECTIONS, channel_lists
+from layerfold.methods.slm.shortlist import Shortlist
 
 from .correction import fit_output_projection
 
@@ -191,6 +195,12 @@ class SlmLab(SlidingLayerMerging):
     choice_items: int = Field(default=400, ge=1)
     rescale: LabRescale | None = None  # unset: channels, or none with fit=ridge
     pairs: Literal["shortlist", "all"] = "all"  # every pair, as when these options were measured
+    shortlist: tuple[int, int, int] = (3, 1, 12)  # with pairs=shortlist: by_score, by_influence, first_step
+
+    def pair_chooser(self) -> Shortlist | None:
+        """``pairs=shortlist`` with the ``shortlist`` sizes (3, 3, 6: the default's from 203d4c6 until
+        they became 3, 1, 12)."""
+        return Shortlist(*self.shortlist) if self.pairs == "shortlist" else None
 
     @property
     def chosen_rescale(self) -> str:

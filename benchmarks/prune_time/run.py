@@ -401,6 +401,31 @@ def write_report() -> None:
             lines.append(f"| {r['model']} | {r['steps_compared']} | {r['identical_steps']} | {full} | {short} | "
                          f"{r['date']} | {r['note']} |")
         lines.append("")
+    grids = [r for r in rows if r["kind"] == "shortlist-sizes"]
+    if grids:
+        lines += ["## Which shortlist sizes follow the full fold", "",
+                  "`check_plans.py sizes` replays full-fold traces (every pair scored at every step; "
+                  "`traces/*-full.jsonl`, from `check_plans.py trace`) through each shortlist size of a grid: a size "
+                  "follows a trace when, at every step, the best of the pairs it scores is the full fold's choice. "
+                  "Layer runs: decoder-layer runs of the shortlisted pairs over the trace's steps.", ""]
+        for r in grids:
+            models = list(r["traces"])
+            traced = ", ".join(f"{m} ({n} steps, {r['full_fold_layer_runs'][m]} layer runs scoring every pair)"
+                               for m, n in r["traces"].items())
+            lines += [f"Traces: {traced}; {r['following_count']} of {r['grid_size']} sizes follow every step of "
+                      f"both. {r['note']} ({r['commit'][:12]}, {r['date']}).", "",
+                      "| by last score | by influence | at the first step | follows | steps followed | layer runs |",
+                      "|---|---|---|---|---|---|"]
+            default = (r["default"]["by_score"], r["default"]["by_influence"], r["default"]["first_step"])
+            shown = [*r["following"], *[g for g in r["also"] if g not in r["following"]]]
+            for g in shown:
+                size = (g["by_score"], g["by_influence"], g["first_step"])
+                mark = " (the default)" if size == default else ""
+                lines.append(f"| {g['by_score']}{mark} | {g['by_influence']} | {g['first_step']} | "
+                             f"{'yes' if g['follows'] else 'no'} | "
+                             + ", ".join(f"{g['steps_followed'][m]}" for m in models) + " | "
+                             + ", ".join(f"{g['layer_runs'][m]}" for m in models) + " |")
+            lines += ["", f"    {r['command']}", ""]
     REPORT.write_text("\n".join(lines))
 
 

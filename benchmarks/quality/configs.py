@@ -2,8 +2,10 @@
 
 A name says what the configuration runs; a row of results.jsonl names the configuration it measured.
 ``slm`` is layerfold's default (portfolio selection, base merge, cosine pick, per-channel rescaling; since
-commit 203d4c6 its greedy fold scores a shortlist of pairs, ``slm/shortlist``: rows named ``slm`` before it scored
-every pair, ``slm/all-pairs``, which gives the same plans everywhere but SmolLM2-135M at 35%);
+commit 203d4c6 its greedy fold scores a shortlist of pairs; rows named ``slm`` before it scored every pair,
+``slm/all-pairs``, whose plans the default's shortlist, 3 pairs by last score, 1 by influence and 12 at the first
+step, gives in all four cells; ``slm/shortlist`` is its first sizes, 3, 3 and 6, which the default used from 203d4c6
+until it was found to give another plan at SmolLM2-135M 35%);
 ``slm/no-rescale`` and ``slm/rescale-kl`` are earlier defaults kept under names that say what they are
 (rows once named ``slm/portfolio`` or ``slm/channels`` ran what ``slm/no-rescale`` and ``slm`` run, and
 carry those names).
@@ -24,7 +26,7 @@ PAPER = {"selection": "sliding", "merge": "diff", "rescale": "none"}  # slm-pape
 CONFIGS: dict[str, tuple[str, dict]] = {
     "slm": ("slm", {}),  # the default
     "slm/no-rescale": ("slm", {"rescale": "none"}),
-    "slm/shortlist": ("slm", {"pairs": "shortlist"}),  # the default since 203d4c6 (rows: run as slm-lab then)
+    "slm/shortlist": (LAB, {"pairs": "shortlist", "shortlist": [3, 3, 6]}),  # the first shortlist sizes
     "slm/all-pairs": ("slm", {"pairs": "all"}),  # the greedy fold scoring every pair: what rows named slm ran before
     "slm/rescale-kl": (LAB, {"rescale": "kl"}),  # one factor per window from a grid, by calibration KL
     "slm-paper": ("slm-paper", {}),
@@ -81,9 +83,9 @@ CONFIGS: dict[str, tuple[str, dict]] = {
 }
 # Rows of configurations whose greedy fold runs (selection greedy or portfolio) were measured before the
 # default scored a shortlist of pairs: they keep scoring every pair (pairs=all), so that they still run what
-# their rows measured; slm and slm/shortlist are the default's (slm-lab scores every pair by default).
+# their rows measured; slm is the default (slm-lab scores every pair by default).
 for _name, (_method, _options) in CONFIGS.items():
-    if (_method == "slm" and _name not in ("slm", "slm/shortlist") and "pairs" not in _options
+    if (_method == "slm" and _name != "slm" and "pairs" not in _options
             and _options.get("selection") in (None, "greedy", "portfolio")):
         _options["pairs"] = "all"
 WITH_CHANNELS = ("shortgpt+channels", "sleb+channels")

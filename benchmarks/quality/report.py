@@ -26,10 +26,9 @@ PPL = ["ppl/wikitext2@128", "ppl/ptb@128", "ppl/lambada@128", "ppl/ptb-valid@128
 PPL_HEAD = ["WikiText-2", "PTB", "LAMBADA", "PTB-valid", "WikiText-2 @2048", "PTB @2048"]
 SELECTION = "ppl/ptb-valid@128"
 # configurations whose name needs a word in the tables: the default's greedy fold scores a shortlist of pairs
-# (pairs=shortlist) since commit 203d4c6; rows named slm measured before it scored every pair (pairs=all), which
-# gives the same plans everywhere but SmolLM2-135M at 35%, where slm/shortlist is today's default
-SHORTLIST = "slm/shortlist"
-NOTES = {SHORTLIST: "pairs=shortlist, the default's since 203d4c6", "slm/all-pairs": "pairs=all"}
+# (pairs=shortlist) since commit 203d4c6, with sizes that give the plans of scoring every pair (pairs=all, what
+# rows named slm measured before it) in every cell; slm/shortlist ran its first sizes, which did not at SmolLM2 35%
+NOTES = {"slm/shortlist": "shortlist sizes 3/3/6, the default's first; not kept", "slm/all-pairs": "pairs=all"}
 
 
 def files_of(spec: str) -> list[Path]:
@@ -97,19 +96,12 @@ def table(rows: dict, ratio: float, default: str) -> str:
     dense = rows.get(("dense", 0.0))
     chosen = [(k, r) for k, r in rows.items() if k[1] == ratio]
     chosen.sort(key=lambda kr: kr[1].get(SELECTION) or float("inf"))
-    # where the shortlist's plan differs from the one rows named slm measured, it is today's default
-    moved = any(name == SHORTLIST and not r.get("same_plan_as") for (name, _), r in chosen)
     for (name, _), r in ([(("dense", 0.0), dense)] if dense else []) + chosen:
         zs = r.get("zeroshot", {})
-        if name == default and moved:
-            label = f"{name} (pairs=all: the default's plan before 203d4c6)"
-        elif name == SHORTLIST and moved:
-            label = f"**{name}** (default since 203d4c6)"
-        else:
-            label = f"**{name}** (default)" if name == default else name
+        label = f"**{name}** (default)" if name == default else name
         if r.get("same_plan_as"):
             label += f" = {r['same_plan_as']} (same plan)"
-        if name in NOTES and not (name == SHORTLIST and moved):
+        if name in NOTES:
             label += f" ({NOTES[name]})"
         cells = [label, str(r.get("layers", "-")), fmt(r.get("prune_seconds"), 2)]
         cells += [fmt(r.get(k)) for k in PPL]
