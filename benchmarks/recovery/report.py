@@ -106,6 +106,28 @@ def goals(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def speed_goals(rows: list[dict], written: list[dict]) -> str:
+    """The two speed goals (SmolLM2 on one H200): writing the text at 50k tokens/s or more, training at 100k."""
+    steady = [(r["steady_tokens_per_second"], f"`gen_speed.py`, {r['batch']} samples a batch") for r in written
+              if r.get("steady_tokens_per_second")]
+    steady += [(r["self_text"]["steady_tokens_per_second"], f"{r['arm']} run, {r['self_text']['recipe']['batch']} "
+                "samples a batch") for r in rows if (r.get("self_text") or {}).get("steady_tokens_per_second")]
+    trained = [r["train_tokens_per_second"] for r in rows if r.get("train_tokens_per_second")
+               and r.get("arm") == "layers-self"]
+    out = []
+    if steady:
+        best, how = max(steady)
+        out.append(f"- Writing the text: goal 50,000 tokens/s; best steady {best:,} ({how}): "
+                   f"**{'reached' if best >= 50_000 else 'not reached'}**.")
+    if trained:
+        verdict = ("reached" if min(trained) >= 100_000 else "reached by some runs" if max(trained) >= 100_000
+                   else "not reached")
+        out.append(f"- Training (`layers-self`): goal 100,000 tokens/s; {min(trained):,} to {max(trained):,} "
+                   "across the runs: "
+                   f"**{verdict}**.")
+    return "\n".join(out)
+
+
 def comparisons(rows: list[dict]) -> str:
     """The arms against each other at each plan and budget where both ran: layers-self and lora-self against
     lora-books (the text, then what trains), layers-self against lora-self (what trains, on the same text)."""
@@ -239,6 +261,7 @@ window with WikiText-2, PTB or LAMBADA (`self_text.filter` in the rows).
 ## Against the goals (issue 23)
 
 {goals(current)}
+{speed_goals(current, written)}
 
 ## Reading
 

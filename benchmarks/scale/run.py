@@ -404,7 +404,10 @@ def main() -> int:
             other = runs.get(f"{kind}_{method}")
             if ref and other:
                 checks[f"{kind}_{method}_same_plan"] = other["plan"] == ref["plan"]
-                checks[f"{kind}_{method}_same_scores"] = other["scores"] == ref["scores"]
+                # equal to 1e-12: a cosine reduced in float64 on the GPU (uncapped) and on the CPU (streamed,
+                # the activations kept there) may differ in the last bit
+                checks[f"{kind}_{method}_same_scores"] = len(other["scores"]) == len(ref["scores"]) and all(
+                    abs(a - b) <= 1e-12 for a, b in zip(other["scores"], ref["scores"], strict=True))
         capped_run = runs.get(f"capped_{method}")
         if capped_run and has_gpu:
             checks[f"capped_{method}_peak_under_cap"] = capped_run["peak_gib"]["cuda:0"] * GIB < cap

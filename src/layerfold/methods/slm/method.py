@@ -62,8 +62,8 @@ class SlidingLayerMerging(Method):
       ``norms`` is not ``base``, else ``portfolio``.
     - ``pairs``: which pairs each step of the greedy fold scores (with ``merge=base``; a fold that
       builds fused layers scores every pair): ``shortlist`` (the default) a few, each exactly
-      (:mod:`layerfold.methods.slm.shortlist`), about a quarter of the work; ``all`` every pair, as
-      the fold did before (slower; on SmolLM2-135M at 35% it gives another plan).
+      (:mod:`layerfold.methods.slm.shortlist`), about a quarter to a third of the work, with the plans
+      of scoring every pair on the models it was checked on; ``all`` every pair (the exact fold).
     - ``criterion``: the similarity that scores a candidate: the cosine of the pruned model's final
       hidden states with the original's (``output-cosine``), linear or RBF CKA or the angular
       distance between layer outputs, or the calibration loss (``loss``, with a target size only).
