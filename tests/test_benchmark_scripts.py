@@ -267,3 +267,23 @@ def test_every_quality_configuration_names_a_method_that_accepts_its_options():
         except Exception as exc:
             raise AssertionError(f"configuration {name}: {method} {options}: {exc}") from exc
     assert set(configs.WITH_CHANNELS) | set(configs.CALIB_REPEATS) <= set(configs.CONFIGS)
+
+
+def test_default_shortlist_follows_the_committed_full_fold_traces():
+    """Replayed through the default shortlist, the committed full-fold traces (every pair scored at every
+    step, SmolLM2-135M for ten steps and Gemma-3-270M for six) keep the full fold's choice at every step;
+    the first sizes, 3/3/6, leave SmolLM2's path at its fourth step (where the pair of layer 5 wins)."""
+    from layerfold.methods.slm.shortlist import Shortlist
+
+    check_plans = _script("prune_time/check_plans")
+    traces = sorted((BENCH / "prune_time" / "traces").glob("*-full.jsonl"))
+    assert len(traces) == 2
+    for path in traces:
+        steps = [json.loads(line) for line in path.read_text().splitlines() if '"kind": "step"' in line]
+        assert all(len(r["scored"]) == len(r["segments"]) - 1 for r in steps)  # every pair was scored
+        followed, runs = check_plans.follow(steps, Shortlist())
+        assert followed == len(steps)
+        assert runs < sum(len(r["segments"]) - (k + 2) for r in steps for k in r["scored"]) / 2
+    smollm2 = [json.loads(line) for line in (BENCH / "prune_time" / "traces" / "smollm2-0.35-full.jsonl")
+               .read_text().splitlines() if '"kind": "step"' in line]
+    assert check_plans.follow(smollm2, Shortlist(3, 3, 6))[0] == 3
