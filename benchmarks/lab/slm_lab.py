@@ -195,7 +195,8 @@ class SlmLab(SlidingLayerMerging):
     choice_items: int = Field(default=400, ge=1)
     rescale: LabRescale | None = None  # unset: channels, or none with fit=ridge
     pairs: Literal["shortlist", "all"] = "all"  # every pair, as when these options were measured
-    shortlist: tuple[int, int, int] = (3, 1, 12)  # with pairs=shortlist: by_score, by_influence, first_step
+    # with pairs=shortlist: by_score, by_influence, first_step (a list: the plan records it as JSON reads it back)
+    shortlist: list[int] = Field(default_factory=lambda: [3, 1, 12], min_length=3, max_length=3)
 
     def pair_chooser(self) -> Shortlist | None:
         """``pairs=shortlist`` with the ``shortlist`` sizes (3, 3, 6: the default's from 203d4c6 until
