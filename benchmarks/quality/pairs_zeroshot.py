@@ -1,6 +1,6 @@
-"""The default's greedy-fold shortlist against the full fold on zero-shot: SmolLM2-135M at one ratio,
-both plans made here, each scored on the seven tasks (full sets, per-document outcomes for a paired
-comparison).  One JSON row per plan to ``--out``.
+"""The greedy fold's first shortlist sizes (3/3/6, ``slm-lab``) against the full fold (the default's
+plans) on zero-shot: SmolLM2-135M at one ratio, both plans made here, each scored on the seven tasks
+(full sets, per-document outcomes for a paired comparison).  One JSON row per plan to ``--out``.
 
     python benchmarks/quality/pairs_zeroshot.py --device cuda --ratio 0.35 --out rows.jsonl
 """
@@ -11,7 +11,9 @@ import argparse
 import copy
 import datetime
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,15 +32,20 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     dense = api.load_model(None, dtype="float32", device=args.device)
-    for pairs in ("shortlist", "all"):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import lab  # noqa: F401  (registers slm-lab)
+
+    runs = {"shortlist": ("slm-lab", {"pairs": "shortlist", "shortlist": [3, 3, 6]}), "all": ("slm", {"pairs": "all"})}
+    for pairs, (method, options) in runs.items():
         loaded = copy.deepcopy(dense)
-        result = api.make_plan(loaded, "slm", Target(ratio=args.ratio), options={"pairs": pairs}, progress=False)
+        result = api.make_plan(loaded, method, Target(ratio=args.ratio), options=options, progress=False)
         api.apply_plan(loaded, result)
         start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device.startswith("cuda")):
             zs = evaluate_zeroshot(loaded.model, loaded.tokenizer, "zeroshot7", limit=args.limit,
                                    batch_size=args.batch_size, progress=False, per_doc=True)
-        row = {"model": "SmolLM2-135M", "ratio": args.ratio, "pairs": pairs, "plan": result.plan.summary(),
+        row = {"model": "SmolLM2-135M", "ratio": args.ratio, "pairs": pairs, "method": method, "options": options,
+               "plan": result.plan.summary(),
                "zeroshot": {n: t["value"] for n, t in zs["tasks"].items()},
                "docs": {n: t.get("docs") for n, t in zs["tasks"].items()}, **zs["summary"],
                "limit": args.limit, "zs_seconds": round(time.perf_counter() - start, 1), "commit": args.commit,
