@@ -109,14 +109,14 @@ def perplexities(loaded, sources: tuple[str, ...], windows: int | None, progress
 
     if not sources:
         return {}
-    keys = {s: _memo_path(loaded, s, windows, max_gpu_memory) for s in sources} if remember else {}
+    protocol = {"seq_len": 128, "bos": False, "batch_size": 8, "max_windows": windows}
+    keys = {s: _memo_path(loaded, s, protocol, max_gpu_memory) for s in sources} if remember else {}
     known = {s: _read_memo(path) for s, path in keys.items()}
     todo = [s for s in sources if known.get(s) is None]
     if todo:
         with streaming_for(loaded, max_gpu_memory, compute_device, CalibrationConfig(samples=8)):
             for s in todo:
-                known[s] = perplexity(loaded.model, loaded.tokenizer, s, max_windows=windows,
-                                      progress=progress).perplexity
+                known[s] = perplexity(loaded.model, loaded.tokenizer, s, **protocol, progress=progress).perplexity
                 if s in keys:
                     _write_memo(keys[s], known[s])
     if progress and len(todo) < len(sources):
@@ -125,7 +125,7 @@ def perplexities(loaded, sources: tuple[str, ...], windows: int | None, progress
     return {s: known[s] for s in sources}
 
 
-def _memo_path(loaded, source: str, windows: int | None, max_gpu_memory) -> Path:
+def _memo_path(loaded, source: str, protocol: dict, max_gpu_memory) -> Path:
     """Where a remembered figure lives: a digest of everything that decides it."""
     from layerfold.assets import cache_dir
     from layerfold.models.fingerprint import model_fingerprint
@@ -133,9 +133,8 @@ def _memo_path(loaded, source: str, windows: int | None, max_gpu_memory) -> Path
 
     param = next(loaded.model.parameters())
     device = "streamed" if max_gpu_memory is not None else param.device.type
-    facts = {"model": model_fingerprint(loaded.model), "source": source, "windows": windows, "seq_len": 128,
-             "bos": False, "batch_size": 8, "dtype": str(param.dtype), "device": device, "layerfold": __version__,
-             "torch": torch.__version__}
+    facts = {"model": model_fingerprint(loaded.model), "source": source, **protocol, "dtype": str(param.dtype),
+             "device": device, "layerfold": __version__, "torch": torch.__version__}
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
     return cache_dir() / "perplexity" / f"{digest}.json"
 
