@@ -54,7 +54,8 @@ def prune(
         help="Width: held-out calibration windows that pick --split auto and --attention auto (default 16).")] = None,
     calibration: Calibration,
     ppl: Annotated[str, typer.Option(
-        help="Perplexity before and after, comma-separated sources ('' for none).")] = "ptb",
+        help="Perplexity before and after, comma-separated sources ('' for none); the unpruned model's figure is "
+             "remembered in layerfold's cache for its weights.")] = "ptb",
     ppl_windows: Annotated[int, typer.Option(
         help="128-token windows per perplexity source (the check before and after; layerfold eval: full texts).")] = 16,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
