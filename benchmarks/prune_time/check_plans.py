@@ -130,6 +130,13 @@ def windows_after(pairs: list[int], num_layers: int) -> list[list[list[int]]]:
     return out
 
 
+def append_row(row: dict) -> None:
+    """Append ``row`` (with run.py's provenance, its command named as this script) to results.jsonl."""
+    row["command"] = row["command"].replace("run.py", "check_plans.py")
+    with (Path(__file__).parent / "results.jsonl").open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
 def verdict(args) -> None:
     """Compare the full fold's steps with the shortlist's; append the comparison to results.jsonl
     (with the command, commit, date and machine, as run.py's rows)."""
@@ -145,9 +152,7 @@ def verdict(args) -> None:
            "full_fold_windows": {str(b): exact[b - 1] for b in args.budgets if b <= len(exact)},
            "shortlist_windows": {str(b): short[b - 1] for b in args.budgets if b <= len(short)},
            **provenance(sys.argv[1:]), "machine": cpu_machine(), "note": args.note}
-    row["command"] = row["command"].replace("run.py", "check_plans.py")
-    with (Path(__file__).parent / "results.jsonl").open("a") as fh:
-        fh.write(json.dumps(row) + "\n")
+    append_row(row)
     print(json.dumps(row))
 
 
@@ -206,10 +211,8 @@ def sizes(args) -> None:
            "also": [g for g in grid if f"{g['by_score']},{g['by_influence']},{g['first_step']}" in args.also],
            **provenance(sys.argv[1:]), "machine": cpu_machine(),
            "note": args.note}
-    row["command"] = row["command"].replace("run.py", "check_plans.py")
     if args.record:
-        with (Path(__file__).parent / "results.jsonl").open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        append_row(row)
     print(json.dumps({k: row[k] for k in ("traces", "full_fold_layer_runs", "following_count", "default")}))
     for g in following[:8]:
         print(g["by_score"], g["by_influence"], g["first_step"], g["layer_runs"])

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
             record = written.record
         except torch.OutOfMemoryError as exc:
             record = {"error": f"out of memory: {str(exc).splitlines()[0]}"}
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         row = {"kind": "generation-speed", "model": loaded.source, "batch": batch, "length": args.length,
                "chunks": record.get("chunks_generated_now"), "seconds": record.get("generation_seconds"),
                "tokens_per_second": record.get("generation_tokens_per_second"),

@@ -18,13 +18,18 @@ from layerfold.similarity import cosine
 
 
 def block_influence(cache) -> dict[int, float]:
-    """Block Influence of every layer: 1 - mean token cosine between its input and its output
-    (computed where the activations are kept: on the GPU, moving them to the CPU cost more than the rest
-    of a 7B plan)."""
-    influence, entering = {}, torch.cat(cache.inputs[0])
-    for i in range(cache.num_layers):
-        leaving = torch.cat(cache.inputs[i + 1])
-        influence[i] = 1.0 - cosine(entering, leaving)
+    """Block Influence of every layer: 1 - mean token cosine between its input and its output."""
+    return dict(enumerate(influence_between(cache.inputs[: cache.num_layers + 1])))
+
+
+def influence_between(states: list[list[torch.Tensor]]) -> list[float]:
+    """1 - mean token cosine between each state and the next (each given per calibration batch): the
+    block influence of what runs between them.  Computed where the states are kept: on a GPU, moving
+    them to the CPU cost more than the rest of a 7B plan."""
+    influence, entering = [], torch.cat(states[0])
+    for batches in states[1:]:
+        leaving = torch.cat(batches)
+        influence.append(1.0 - cosine(entering, leaving))
         entering = leaving
     return influence
 

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
+from layerfold.methods.shortgpt import influence_between
 from layerfold.methods.slm.engine import Window
 from layerfold.methods.slm.greedy import Hidden
-from layerfold.similarity import cosine
 
 
 def segment_influence(entering: list[Hidden]) -> list[float]:
     """Block influence of the segment each pair removes (pair ``k`` removes segment ``k + 1``): 1 -
     mean token cosine between the state entering that segment and the state leaving it."""
-    return [1.0 - cosine(torch.cat(entering[k + 1]), torch.cat(entering[k + 2])) for k in range(len(entering) - 2)]
+    return influence_between(entering[1:])
 
 
 @dataclass(frozen=True)
