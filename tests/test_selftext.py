@@ -25,16 +25,24 @@ from layerfold.surgery import apply_plan
 TEXT = "the cat sat on the mat. a dog ran in the fog. " * 60
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+def char_tokenizer(leading_bos: bool = False):
+    """One token per character; with ``leading_bos``, BOS in front of every text it encodes (as
+    Gemma's and Llama's tokenizers do)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     chars = [chr(i) for i in range(32, 127)] + ["\n"]
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
+    if leading_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
 
 
 @pytest.fixture(autouse=True)
@@ -78,10 +86,12 @@ def test_self_text_is_cached_and_reused_and_extended(tokenizer):
     more = self_text(model, tokenizer, RECIPE, 400, progress=False)
     assert more.record["chunks_generated_now"] == more.record["chunks"] - first.record["chunks"]
     assert torch.equal(more.stream[:150], first.stream)
-    folder = st.cache_folder(model, RECIPE)
+    seeds = st.seed_ids(tokenizer, RECIPE)
+    folder = st.cache_folder(model, RECIPE, seeds)
     assert json.loads((folder / "recipe.json").read_text()) == RECIPE.model_dump()
     other = RECIPE.model_copy(update={"temperature": 0.7})
-    assert st.cache_folder(model, other) != folder
+    assert st.cache_folder(model, other, seeds) != folder
+    assert st.cache_folder(model, RECIPE, seeds + 1) != folder  # other seed tokens: another text
     assert st.model_fingerprint(llama(vocab=101)) != st.model_fingerprint(model)
 
 
@@ -118,6 +128,28 @@ def test_seeds_come_from_the_calibration_half_only(tokenizer, monkeypatch):
     monkeypatch.setattr(sources, "BOOKS_SPLIT", 3)
     seeds = st.seed_ids(tokenizer, SelfTextRecipe(seed_tokens=7))
     assert sorted(tokenizer.decode(s).replace(" ", "") for s in seeds) == ["calib0", "calib1", "calib2"]
+
+
+def test_models_that_expect_bos_get_it_in_front_of_seeds_and_blocks(monkeypatch, tmp_path):
+    """A tokenizer that puts BOS in front of every text (Gemma, Llama) marks a model trained that
+    way: the openings it writes from and every training block then start with BOS; a tokenizer
+    that does not (SmolLM2) gets neither."""
+    from layerfold.data import sources
+    from layerfold.data.tokens import leading_bos
+    from layerfold.recover.data import token_blocks
+
+    plain, with_bos = char_tokenizer(), char_tokenizer(leading_bos=True)
+    assert leading_bos(plain) is None and leading_bos(with_bos) == 1
+    monkeypatch.setattr(sources, "lambada_passages", lambda: ["abcdefghij", "klmnopqrst"])
+    monkeypatch.setattr(sources, "BOOKS_SPLIT", 2)
+    recipe = SelfTextRecipe(seed_tokens=4)
+    assert st.seed_ids(plain, recipe).tolist() == [plain.encode(t, add_special_tokens=False) for t in ("abcd", "klmn")]
+    assert st.seed_ids(with_bos, recipe).tolist() == [with_bos.encode(t) for t in ("abcd", "klmn")]
+    path = tmp_path / "t.txt"
+    path.write_text("abcdefghijk")
+    ids = plain.encode("abcdefghijk", add_special_tokens=False)
+    assert token_blocks(plain, str(path), 4).tolist() == [ids[0:4], ids[4:8]]
+    assert token_blocks(with_bos, str(path), 4).tolist() == [[1, *ids[0:3]], [1, *ids[3:6]], [1, *ids[6:9]]]
 
 
 def test_self_data_refuses_other_parts_and_evaluation_sets():

@@ -1,14 +1,16 @@
 """Recovery after pruning: today's LoRA on books against healing on text the original model writes.
 
-The default's saved plans (``benchmarks/quality/default_plans``) are applied to the dense model;
-each pruned model is then healed from the same pruned weights under each arm, at each token
-budget:
+The default's saved plans (``plans/`` beside this file: ``layerfold prune --ratio R`` of each model,
+with their channel factors) are applied to the dense model; each pruned model is then healed from
+the same pruned weights under each arm, at each token budget:
 
 - ``lora-books``: LoRA (rank 8) on the next-token loss of the book text (``layerfold heal``'s
   default recipe with a token budget);
 - ``layers-self``: every weight of the decoder layers, distilled (KL on the logits) from the dense
   model on text the dense model writes (``layerfold heal --data self --train layers``);
-- ``lora-self``: LoRA distilled on the same self-written text (separates the text from what trains).
+- ``lora-self``: LoRA distilled on the same self-written text (separates the text from what trains);
+- ``layers-self-bos``: as ``layers-self``, on text the dense model writes from a lone BOS token
+  instead of the calibration openings (``--gen-seeds bos``).
 
 Perplexity (every non-overlapping 128-token window, no BOS) on WikiText-2, PTB and LAMBADA for
 the dense, pruned and healed models, and with ``--zeroshot`` the seven zero-shot tasks; one row per
@@ -24,7 +26,7 @@ On the GPU (the job list is ``jobs.txt`` beside this file)::
 A CPU smoke run (rows marked ``smoke``; not results)::
 
     python benchmarks/recovery/run.py --device cpu --budgets 32768 --batch-size 8 --cutoff 128 --eval-windows 8 \\
-        --gen-batch 16 --arms layers-self --plan benchmarks/quality/default_plans/smollm2-0.35.json \\
+        --gen-batch 16 --arms layers-self --plan benchmarks/recovery/plans/smollm2-0.35.json \\
         --results /tmp/r.jsonl
 """
 
@@ -53,8 +55,8 @@ from layerfold.recover import heal, make_config
 from layerfold.surgery import apply_plan
 
 HERE = Path(__file__).resolve().parent
-PLANS = HERE.parent / "quality" / "default_plans"
-ARMS = ("lora-books", "layers-self", "lora-self")
+PLANS = HERE / "plans"
+ARMS = ("lora-books", "layers-self", "lora-self", "layers-self-bos")
 
 
 def log(msg: str) -> None:
@@ -98,7 +100,7 @@ class Rows:
 def evaluate(model: torch.nn.Module, tokenizer, args) -> dict[str, float]:
     model.eval()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device.startswith("cuda")):
-        return {s: perplexity(model, tokenizer, s, seq_len=128, batch_size=args.eval_batch_size,
+        return {s: perplexity(model, tokenizer, s, seq_len=128, bos=args.bos, batch_size=args.eval_batch_size,
                               max_windows=args.eval_windows, progress=False).perplexity for s in args.eval}
 
 
@@ -118,9 +120,10 @@ def zeroshot(model: torch.nn.Module, tokenizer, args) -> dict | None:
 
 def arm_config(arm: str, budget: int, args):
     data, train = {"lora-books": ("books", "lora"), "layers-self": ("self", "layers"),
-                   "lora-self": ("self", "lora")}[arm]
+                   "lora-self": ("self", "lora"), "layers-self-bos": ("self", "layers")}[arm]
     lr = args.layers_lr if train == "layers" else args.lora_lr
-    self_text = dict(batch=args.gen_batch, length=args.gen_length)
+    self_text = dict(batch=args.gen_batch, length=args.gen_length,
+                     seeds="bos" if arm == "layers-self-bos" else "books")
     return make_config(data=data, train=train, lr=lr, max_tokens=budget, cutoff=args.cutoff,
                        batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed, eval_sources=(),
                        checkpoint_every=0, self_text=self_text, compile=args.compile)
@@ -169,7 +172,7 @@ def run(args) -> None:
     teacher = dense
     if args.device.startswith("cuda"):  # the frozen teacher (and writer) in bf16: it runs under bf16 autocast
         teacher = wrap_model(copy.deepcopy(dense.model).to(torch.bfloat16), dense.tokenizer, source=dense.source)
-    if not args.skip_reference:
+    if not (args.skip_reference or args.no_dense):
         rows.add({"kind": "dense", "model": dense.source, "layers": len(dense.arch.layer_list(dense.model)),
                   "parameters": parameter_count(dense.model), "perplexity": evaluate(dense.model, dense.tokenizer,
                                                                                      args),
@@ -189,7 +192,7 @@ def run(args) -> None:
                 log(f"{facts['plan']}: {arm} at {budget:,} tokens")
                 row, model = heal_row(loaded, teacher, arm, budget, args)
                 row["perplexity"] = evaluate(model, loaded.tokenizer, args)
-                row["zeroshot"] = zeroshot(model, loaded.tokenizer, args)
+                row["zeroshot"] = zeroshot(model, loaded.tokenizer, args) if budget in args.zeroshot_at else None
                 rows.add({"kind": "healed", "model": dense.source, **facts, **row})
                 if args.save_dir and budget == max(args.budgets):
                     model.save_pretrained(Path(args.save_dir) / f"{facts['plan']}-{arm}-{budget}")
@@ -218,8 +221,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--zeroshot", action="store_true", help="also the seven zero-shot tasks (full sets)")
     p.add_argument("--zs-batch", type=int, default=64, help="zero-shot batch size")
+    p.add_argument("--zeroshot-at", default=None,
+                   help="with --zeroshot, the healed models scored only at these budgets (default: all)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-reference", action="store_true", help="no dense and unhealed rows (already measured)")
+    p.add_argument("--no-dense", action="store_true", help="no dense row (already measured)")
+    p.add_argument("--bos", action="store_true", help="perplexity windows start with BOS (Gemma)")
     p.add_argument("--save-dir", default=None, help="keep the healed models of the largest budget here")
     p.add_argument("--results", default=str(HERE / "results.jsonl"))
     p.add_argument("--quiet", action="store_true")
@@ -227,6 +234,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.plan = args.plan or [PLANS / "smollm2-0.2.json", PLANS / "smollm2-0.35.json"]
     args.budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    args.zeroshot_at = (args.budgets if args.zeroshot_at is None
+                        else [int(b) for b in args.zeroshot_at.split(",") if b.strip()])
     args.eval = [s.strip() for s in args.eval.split(",") if s.strip()]
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:

@@ -53,6 +53,16 @@ def token_stream(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id when the tokenizer puts BOS in front of every text it encodes (Gemma, Llama), else
+    None (SmolLM2, GPT-2). Models trained that way expect it at the start of each sequence."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", return_attention_mask=False)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
 def sample_windows(tokenizer, config: CalibrationConfig) -> torch.Tensor:
     """``[samples, seq_len]`` token ids, the same for the same config and tokenizer."""
     from layerfold.data.sources import load_text

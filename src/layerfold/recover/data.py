@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from layerfold.data.sources import EVALUATION_SOURCES, load_text, source_description
-from layerfold.data.tokens import token_stream
+from layerfold.data.tokens import leading_bos, token_stream
 from layerfold.errors import LayerfoldError
 
 
@@ -78,16 +78,22 @@ def describe_data(spec: str) -> str:
 
 
 def token_blocks(tokenizer, spec: str, cutoff: int) -> torch.Tensor:
-    """``[blocks, cutoff]`` token ids, consecutive in the text."""
-    return blocks_from_stream(token_stream(tokenizer, load_heal_text(spec)), cutoff, f"--data {spec}")
+    """``[blocks, cutoff]`` token ids, consecutive in the text (each led by BOS where the tokenizer
+    puts one in front of a text)."""
+    return blocks_from_stream(token_stream(tokenizer, load_heal_text(spec)), cutoff, f"--data {spec}",
+                              bos=leading_bos(tokenizer))
 
 
-def blocks_from_stream(stream: torch.Tensor, cutoff: int, what: str) -> torch.Tensor:
-    """Cut a token stream into ``[blocks, cutoff]`` (the tail shorter than a block is dropped)."""
-    n = len(stream) // cutoff
+def blocks_from_stream(stream: torch.Tensor, cutoff: int, what: str, bos: int | None = None) -> torch.Tensor:
+    """Cut a token stream into ``[blocks, cutoff]`` (the tail shorter than a block is dropped). With
+    ``bos``, each block is that token followed by the next ``cutoff - 1`` tokens of the stream, as a
+    model that was trained with BOS in front of every sequence (Gemma, Llama) expects."""
+    width = cutoff - (bos is not None)
+    n = len(stream) // width if width > 0 else 0
     if n < 1:
         raise LayerfoldError(f"{what} has {len(stream)} tokens: fewer than one block of {cutoff}")
-    return stream[: n * cutoff].view(n, cutoff)
+    blocks = stream[: n * width].view(n, width)
+    return blocks if bos is None else torch.cat([torch.full((n, 1), bos, dtype=blocks.dtype), blocks], 1)
 
 
 def block_order(num_blocks: int, count: int, seed: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from layerfold.data.tokens import leading_bos
 from layerfold.errors import LayerfoldError
 from layerfold.models.load import LoadedModel, load_model
 from layerfold.recover.checkpoint import checkpoint_dir_for, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -168,7 +169,8 @@ def _blocks(config: HealConfig, loaded: LoadedModel, teacher: LoadedModel | None
     accelerator.wait_for_everyone()
     if written is None:
         written = self_text(teacher.model, loaded.tokenizer, config.self_text, tokens, progress=False)
-    return blocks_from_stream(written.stream, config.cutoff, "self-written text"), written.record
+    return (blocks_from_stream(written.stream, config.cutoff, "self-written text", bos=leading_bos(loaded.tokenizer)),
+            written.record)
 
 
 def _prepare_folders(out: Path | None, checkpoints: Path | None, resume: bool, overwrite: bool) -> None:
@@ -350,7 +352,8 @@ class _Trainer:
             "mode": c.mode, "model": self.loaded.source, "teacher": self.teacher.source if self.teacher else None,
             "train": c.train, "recipe": c.model_dump(mode="json"),
             "data": {"spec": c.data, "description": describe_data(c.data), "blocks": n, "block_tokens": c.cutoff,
-                     "tokens": n * c.cutoff, "self_text": self.self_text},
+                     "tokens": n * c.cutoff, "blocks_start_with_bos": leading_bos(self.loaded.tokenizer) is not None,
+                     "self_text": self.self_text},
             "trainable_parameters": sum(p.numel() for p in self.adapters.values()),
             "lora": {"targets": len(self.targets),
                      "target_kinds": sorted({t.rsplit(".", 1)[-1] for t in self.targets}),

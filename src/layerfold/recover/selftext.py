@@ -27,6 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from layerfold.data.tokens import leading_bos
 from layerfold.errors import LayerfoldError
 
 NGRAM = 13  # the contamination window, as in GPT-3's overlap study
@@ -86,7 +87,8 @@ def seed_ids(tokenizer, recipe: SelfTextRecipe) -> torch.Tensor:
     from layerfold.data.sources import BOOKS_SPLIT, lambada_passages
 
     passages = lambada_passages()[:BOOKS_SPLIT]  # the calibration half only, never the evaluation half
-    openings = [ids[: recipe.seed_tokens] for ids in tokenizer(passages, add_special_tokens=False)["input_ids"]
+    lead = [] if (bos := leading_bos(tokenizer)) is None else [bos]  # as the model saw every text in training
+    openings = [lead + ids[: recipe.seed_tokens] for ids in tokenizer(passages, add_special_tokens=False)["input_ids"]
                 if len(ids) >= recipe.seed_tokens]
     if not openings:
         raise LayerfoldError(f"no calibration passage has {recipe.seed_tokens} tokens: lower --gen-seed-tokens")
@@ -136,10 +138,13 @@ def generate_chunk(model, tokenizer, seeds: torch.Tensor, recipe: SelfTextRecipe
     return out.cpu()
 
 
-def cache_folder(model: torch.nn.Module, recipe: SelfTextRecipe) -> Path:
+def cache_folder(model: torch.nn.Module, recipe: SelfTextRecipe, seeds: torch.Tensor) -> Path:
+    """One folder per model, recipe and seed tokens (so a tokenizer that encodes the openings
+    differently, or leads them with BOS, never reads another's text)."""
     from layerfold.assets import cache_dir
 
-    return cache_dir() / "self-text" / f"{model_fingerprint(model)}-{recipe.key()}"
+    seeds_hash = hashlib.sha256(seeds.numpy().tobytes()).hexdigest()[:8]
+    return cache_dir() / "self-text" / f"{model_fingerprint(model)}-{recipe.key()}-{seeds_hash}"
 
 
 def _chunk_path(folder: Path, chunk: int) -> Path:
@@ -240,7 +245,7 @@ def self_text(model: torch.nn.Module, tokenizer, recipe: SelfTextRecipe, tokens:
     if tokens < 1:
         raise LayerfoldError("the self-written text needs a positive token count")
     seeds = seed_ids(tokenizer, recipe)
-    folder = cache_folder(model, recipe) if use_cache else None
+    folder = cache_folder(model, recipe, seeds) if use_cache else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "recipe.json").write_text(json.dumps(recipe.model_dump(), indent=1) + "\n")
