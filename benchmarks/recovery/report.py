@@ -11,9 +11,19 @@ from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-GOALS = {"smollm2-0.2": 1.3, "smollm2-0.35": 2.0}  # healed WikiText-2 within this factor of dense (issue 23)
-ZEROSHOT_GOAL = {"smollm2-0.2": 1.0}  # healed zero-shot mean within this many points of dense (issue 23)
+GOALS = {"0.2": 1.3, "0.35": 2.0}  # by share of layers removed: healed WikiText-2 within this factor of dense (issue 23)
+ZEROSHOT_GOAL = {"0.2": 1.0}  # healed zero-shot mean within this many points of dense (issue 23)
 SOURCES = ("wikitext2", "ptb", "lambada")
+TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+
+
+def family(row: dict) -> str:
+    """The model a row measured (the Gemma rows carry the folder it was converted into)."""
+    return "Gemma-3-270M" if "gemma" in row["model"].lower() else "SmolLM2-135M-Instruct"
+
+
+def ratio_of(plan: str) -> str:
+    return plan.rsplit("-", 1)[-1]
 
 
 def load(path: Path = HERE / "results.jsonl") -> list[dict]:
@@ -25,7 +35,7 @@ def merged(rows: list[dict]) -> list[dict]:
     first, later values winning; healed rows are one per plan, arm and budget, the latest kept."""
     out: dict[tuple, dict] = {}
     for r in rows:
-        key = (r["kind"], r.get("plan"), r.get("arm"), r.get("budget"))
+        key = (family(r), r["kind"], r.get("plan"), r.get("plan_summary"), r.get("arm"), r.get("budget"))
         if key in out:
             out[key] = {**out[key], **{k: v for k, v in r.items() if v is not None}}
         else:
@@ -77,11 +87,15 @@ def table(rows: list[dict]) -> str:
 
 
 def goals(rows: list[dict]) -> str:
-    dense = next(r for r in rows if r["kind"] == "dense")["perplexity"]["wikitext2"]
+    """One model's rows against the quality goals: healed WikiText-2 within a factor of dense, and at 20% the
+    zero-shot mean within a point of dense (with and without BoolQ)."""
+    dense_row = next(r for r in rows if r["kind"] == "dense")
+    dense, dense_zs = dense_row["perplexity"]["wikitext2"], dense_row.get("zeroshot")
     out = []
-    for plan, factor in GOALS.items():
+    for plan in dict.fromkeys(r["plan"] for r in rows if r["kind"] == "healed"):
+        factor = GOALS.get(ratio_of(plan))
         healed = [r for r in rows if r.get("plan") == plan and r["kind"] == "healed"]
-        if not healed:
+        if factor is None:
             continue
         best = min(healed, key=lambda r: r["perplexity"]["wikitext2"])
         ratio = best["perplexity"]["wikitext2"] / dense
@@ -89,21 +103,38 @@ def goals(rows: list[dict]) -> str:
         out.append(f"- {plan}: goal WikiText-2 within {factor}x dense ({factor * dense:.1f}); best healed "
                    f"{best['perplexity']['wikitext2']:.1f} = {ratio:.2f}x ({best['arm']}, {best['tokens_trained']:,} "
                    f"tokens): **{verdict}**.")
-    dense_zs = next(r for r in rows if r["kind"] == "dense").get("zeroshot")
-    for plan, points in ZEROSHOT_GOAL.items():
-        scored = [r for r in rows if r.get("plan") == plan and r["kind"] == "healed" and r.get("zeroshot")]
+        points = ZEROSHOT_GOAL.get(ratio_of(plan))
+        if points is None:
+            continue
+        scored = [r for r in healed if r.get("zeroshot")]
         if not scored or not dense_zs:
             out.append(f"- {plan}: goal zero-shot mean within {points:g} point of dense: not measured.")
             continue
-        best = max(scored, key=lambda r: r["zeroshot"]["mean"])
+        best = max(scored, key=lambda r: r["zeroshot"]["mean_without_boolq"])
         gaps = {k: dense_zs[k] - best["zeroshot"][k] for k in ("mean", "mean_without_boolq")}
         verdict = "reached" if max(gaps.values()) <= points else "not reached"
         out.append(f"- {plan}: goal zero-shot mean within {points:g} point of dense ({dense_zs['mean']:.1f}; "
-                   f"{dense_zs['mean_without_boolq']:.1f} without BoolQ); healed ({best['arm']}, "
+                   f"{dense_zs['mean_without_boolq']:.1f} without BoolQ); best healed ({best['arm']}, "
                    f"{best['tokens_trained']:,} tokens) {best['zeroshot']['mean']:.1f} "
                    f"({best['zeroshot']['mean_without_boolq']:.1f} without BoolQ), {gaps['mean']:.1f} and "
                    f"{gaps['mean_without_boolq']:.1f} points below: **{verdict}**.")
     return "\n".join(out)
+
+
+def zeroshot_tasks(rows: list[dict]) -> str:
+    """Each zero-shot task's figure for the rows that have them (where healing does and does not help)."""
+    scored = [r for r in rows if r.get("zeroshot")]
+    if not scored:
+        return ""
+    head = "| model | healing | tokens | " + " | ".join(TASKS) + " | mean | without BoolQ |\n" + "|---" * (len(TASKS) + 5) + "|"
+    lines = [head]
+    for r in scored:
+        zs = r["zeroshot"]
+        what = "dense" if r["kind"] == "dense" else f"{r['plan']}, {r.get('arm') or 'none'}"
+        tokens = f"{r['tokens_trained']:,}" if r["kind"] == "healed" else "-"
+        lines.append(f"| {family(r)} | {what} | {tokens} | " + " | ".join(f"{zs['tasks'][t]:.1f}" for t in TASKS)
+                     + f" | {zs['mean']:.1f} | {zs['mean_without_boolq']:.1f} |")
+    return "\n".join(lines)
 
 
 def speed_goals(rows: list[dict], written: list[dict]) -> str:
@@ -111,9 +142,11 @@ def speed_goals(rows: list[dict], written: list[dict]) -> str:
     steady = [(r["steady_tokens_per_second"], f"`gen_speed.py`, {r['batch']} samples a batch") for r in written
               if r.get("steady_tokens_per_second")]
     steady += [(r["self_text"]["steady_tokens_per_second"], f"{r['arm']} run, {r['self_text']['recipe']['batch']} "
-                "samples a batch") for r in rows if (r.get("self_text") or {}).get("steady_tokens_per_second")]
+                "samples a batch") for r in rows if (r.get("self_text") or {}).get("steady_tokens_per_second")
+               and family(r).startswith("SmolLM2") and "H200" in r["machine"].get("gpu", "")]
     trained = [r["train_tokens_per_second"] for r in rows if r.get("train_tokens_per_second")
-               and r.get("arm") == "layers-self"]
+               and r.get("arm") == "layers-self" and family(r).startswith("SmolLM2")
+               and "H200" in r["machine"].get("gpu", "")]
     out = []
     if steady:
         best, how = max(steady)
@@ -122,8 +155,8 @@ def speed_goals(rows: list[dict], written: list[dict]) -> str:
     if trained:
         verdict = ("reached" if min(trained) >= 100_000 else "reached by some runs" if max(trained) >= 100_000
                    else "not reached")
-        out.append(f"- Training (`layers-self`): goal 100,000 tokens/s; {min(trained):,} to {max(trained):,} "
-                   "across the runs: "
+        out.append(f"- Training (`layers-self`, SmolLM2 on the H200): goal 100,000 tokens/s; {min(trained):,} to "
+                   f"{max(trained):,} across the runs: "
                    f"**{verdict}**.")
     return "\n".join(out)
 
@@ -131,7 +164,7 @@ def speed_goals(rows: list[dict], written: list[dict]) -> str:
 def comparisons(rows: list[dict]) -> str:
     """The arms against each other at each plan and budget where both ran: layers-self and lora-self against
     lora-books (the text, then what trains), layers-self against lora-self (what trains, on the same text)."""
-    by = {(r["plan"], r["budget"], r["arm"]): r for r in rows if r["kind"] == "healed"}
+    by = {(r["plan"], r["budget"], r["arm"]): r for r in rows if r["kind"] == "healed"}  # one model's rows
     out = []
     for first, second in (("layers-self", "lora-books"), ("lora-self", "lora-books"), ("layers-self", "lora-self")):
         for (plan, budget, arm), r in sorted(by.items()):
@@ -166,36 +199,41 @@ def trends(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(models: dict[str, list[dict]], path: Path) -> None:
+    """One panel per model: WikiText-2 perplexity against healing tokens, a line per plan and arm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dense = next(r for r in rows if r["kind"] == "dense")["perplexity"]["wikitext2"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {"smollm2-0.2": "tab:blue", "smollm2-0.35": "tab:red"}
-    styles = {"layers-self": "-o", "lora-books": "--s", "lora-self": ":^"}
-    for plan, color in colors.items():
-        unhealed = next((r for r in rows if r.get("plan") == plan and r["kind"] == "pruned"), None)
-        for arm, style in styles.items():
-            pts = sorted((r["tokens_trained"], r["perplexity"]["wikitext2"]) for r in rows
-                         if r.get("plan") == plan and r.get("arm") == arm)
-            if not pts:
-                continue
-            if unhealed is not None:  # the unhealed model drawn at 100k tokens, the left edge of the log axis
-                pts = [(1e5, unhealed["perplexity"]["wikitext2"]), *pts]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=f"{plan} {arm}")
-        ax.axhline(GOALS[plan] * dense, color=color, lw=0.8, alpha=0.6)
-        ax.text(1.05e5, GOALS[plan] * dense * 1.02, f"goal {GOALS[plan]}x dense", color=color, fontsize=8)
-    ax.axhline(dense, color="black", lw=0.8)
-    ax.text(1.05e5, dense * 1.02, "dense", fontsize=8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("healing tokens (leftmost point: unhealed)")
-    ax.set_ylabel("WikiText-2 perplexity (128-token windows)")
-    ax.set_title("SmolLM2-135M, the default's plans: quality against healing tokens")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
+    colors = {"0.2": "tab:blue", "0.35": "tab:red"}
+    styles = {"layers-self": "-o", "lora-books": "--s", "lora-self": ":^", "layers-self-bos": "-.v"}
+    for ax, (name, rows) in zip(axes[0], models.items(), strict=True):
+        dense = next(r for r in rows if r["kind"] == "dense")["perplexity"]["wikitext2"]
+        for plan in dict.fromkeys(r["plan"] for r in rows if r["kind"] != "dense"):
+            color = colors.get(ratio_of(plan), "tab:gray")
+            unhealed = next((r for r in rows if r.get("plan") == plan and r["kind"] == "pruned"), None)
+            for arm, style in styles.items():
+                pts = sorted((r["tokens_trained"], r["perplexity"]["wikitext2"]) for r in rows
+                             if r.get("plan") == plan and r.get("arm") == arm)
+                if not pts:
+                    continue
+                if unhealed is not None:  # the unhealed model drawn at 100k tokens, the left edge of the log axis
+                    pts = [(1e5, unhealed["perplexity"]["wikitext2"]), *pts]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=f"{plan} {arm}")
+            factor = GOALS.get(ratio_of(plan))
+            if factor:
+                ax.axhline(factor * dense, color=color, lw=0.8, alpha=0.6)
+                ax.text(1.05e5, factor * dense * 1.02, f"goal {factor}x dense", color=color, fontsize=8)
+        ax.axhline(dense, color="black", lw=0.8)
+        ax.text(1.05e5, dense * 1.02, "dense", fontsize=8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("healing tokens (leftmost point: unhealed)")
+        ax.set_ylabel("WikiText-2 perplexity (128-token windows)")
+        ax.set_title(f"{name}: quality against healing tokens", fontsize=10)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -215,33 +253,62 @@ def generation(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(f"    {c}" for c in commands)
 
 
+def plan_source(plans: dict[str, str]) -> str:
+    if all("+channels" in v for v in plans.values()):
+        return "today's default, `benchmarks/recovery/plans`: `layerfold prune --ratio R` with its channel factors"
+    return ("`benchmarks/quality/default_plans`: an earlier default's, without the channel rescaling; today's default "
+            "has the same 20% window and other 35% windows, in `benchmarks/recovery/plans`")
+
+
+def model_section(name: str, rows: list[dict]) -> str:
+    plans = {r["plan"]: r["plan_summary"] for r in rows if r["kind"] in ("pruned", "healed")}
+    machines = sorted({r["machine"].get("gpu", "CPU") for r in rows})
+    return f"""## {name}
+
+Plans: {'; '.join(f'`{k}`: {v}' for k, v in plans.items())} ({plan_source(plans)}). Rows measured on
+{' and '.join(machines)}.
+
+{table(rows)}
+
+### Against the goals (issue 23)
+
+{goals(rows)}
+
+### Arms at equal budgets
+
+{comparisons(rows)}
+{repeats(rows)}
+
+### What more tokens would give
+
+{trends(rows)}
+"""
+
+
 def main() -> None:
     rows = load()
     written = [r for r in rows if r["kind"] == "generation-speed"]
     rows = [r for r in rows if r["kind"] != "generation-speed"]
     current = merged([r for r in rows if "source" not in r])
     earlier = [r for r in rows if "source" in r]
-    meta = current[0]
-    plot(current, HERE / "recovery.png")
+    models = {name: [r for r in current if family(r) == name]
+              for name in dict.fromkeys(family(r) for r in current)}
+    plot(models, HERE / "recovery.png")
     runs = {}
     for r in rows:
         if "source" not in r:
-            runs.setdefault(r["command"], (r["commit"], r["date"][:10]))
-    commands = "\n".join(f"    {c}    # commit {commit}, {date}" for c, (commit, date) in runs.items())
-    machine = meta["machine"]
-    plans = {r["plan"]: r["plan_summary"] for r in current if r["kind"] == "pruned"}
+            runs.setdefault(r["command"], (r["commit"], r["date"][:10], r["machine"].get("gpu", "CPU")))
+    commands = "\n".join(f"    {c}    # commit {commit}, {date}, {gpu}" for c, (commit, date, gpu) in runs.items())
+    versions = sorted({f"torch {r['machine']['torch']}, transformers {r['machine']['transformers']}" for r in current})
     text = f"""# Recovery after pruning: healing on text the original model writes
 
 Generated by `benchmarks/recovery/report.py` from `results.jsonl` (each row carries its commit, date, machine
-and command). Machine: {machine.get('gpu', 'CPU')}, torch {machine['torch']}, transformers
-{machine['transformers']}. Commands, each with the commit and date of its rows:
+and command; {'; '.join(versions)}). Commands, each with the commit, date and GPU of its rows:
 
 {commands}
 
-SmolLM2-135M-Instruct (the embedded default, 30 layers), the plans saved in `benchmarks/quality/default_plans`
-(an earlier default's, without the channel rescaling: {'; '.join(f'`{k}`: {v}' for k, v in plans.items())}).
-Each healed row
-starts from the same pruned weights. Arms, at the same token budget and the same 64 x 256-token blocks per step:
+Each healed row starts from the same pruned weights as its plan's unhealed row. Arms, at the same token budget and
+the same 64 x 256-token blocks per step:
 
 - `lora-books`: today's `layerfold heal` (LoRA rank 8 on every projection, next-token loss on the book text,
   lr 1e-4), model in float32 with bf16 autocast;
@@ -250,50 +317,36 @@ starts from the same pruned weights. Arms, at the same token budget and the same
   on text the dense model wrote from the openings of the calibration passages: temperature 1, top-p 0.95, 256 new
   tokens a sample, 1024 samples a batch, seed 1234).
 
-Perplexity: every non-overlapping 128-token window of each test text, no BOS. The self-written text dropped the
-samples that ended within 16 tokens (about 1.5%); no sample repeated another's opening and none shared a 13-token
-window with WikiText-2, PTB or LAMBADA (`self_text.filter` in the rows).
-
-{table(current)}
+Perplexity: every non-overlapping 128-token window of each test text (Gemma: each window led by BOS, as it
+expects; SmolLM2: no BOS). Gemma's training blocks and writing seeds are led by BOS too (its tokenizer puts BOS
+in front of every text). The self-written text dropped the samples that ended within 16 tokens (about 1.5%);
+no sample repeated another's opening and none shared a 13-token window with WikiText-2, PTB or LAMBADA
+(`self_text.filter` in the rows). Zero-shot: the seven tasks, full sets.
 
 ![quality against healing tokens](recovery.png)
 
-## Against the goals (issue 23)
+{chr(10).join(model_section(name, group) for name, group in models.items())}
+## Zero-shot by task
 
-{goals(current)}
+{zeroshot_tasks(current)}
+
+## Speed goals (SmolLM2-135M on one H200)
+
 {speed_goals(current, written)}
 
-## Reading
-
-{comparisons(current)}
-{repeats([r for r in rows if "source" not in r])}
-- `layers-self` and `lora-books` differ in three things at once: the text (self-written vs books), what trains
-  (the decoder layers vs LoRA adapters, with their own learning rates) and the loss (KL to the dense model vs
-  next-token). `lora-self` (LoRA distilled on the same self-written text) separates them: at the same 2M tokens
-  it lands next to `lora-books` on WikiText-2 and PTB, far from `layers-self`, so the gain comes from training
-  the decoder layers themselves, not from the text or the loss.
-- Zero-shot (the seven tasks, full sets): the unhealed 20% plan's mean is propped up by BoolQ (its
-  majority-class answer); without BoolQ healing gains about half a point at 20% and a point at 35%, far
-  less than perplexity recovers.
-- LAMBADA is held-out passages of the same books as `books`: LoRA on books is in-domain there, so LAMBADA
-  flatters it beside WikiText-2 and PTB.
-- Not run (the GPU time went to the rows above): `lora-books` at 8M tokens, 32M-token budgets, `lora-self` at 8M,
-  a speed row with `--compile`, and Gemma-3-270M (its model arrives in four more GPU calls).
-
-## What more tokens would give
-
-{trends(current)}
-
-## Speed (H200, SmolLM2-135M, no torch.compile of the training step)
-
-- Writing the text: `generate` with a static cache (transformers compiles its decoding step), 1024 samples of
-  264 tokens a batch: the `text written` column, steady rate without the first batch (which compiles).
+- Writing the text: `generate` with a static cache (transformers compiles its decoding step): the `text written`
+  column, steady rate without the first batch (which compiles).
 - Writing speed by samples a batch (`gen_speed.py`: the default recipe, dense model in bf16, no cache):
 
 {generation(written)}
 
 - Training: the `train tok/s` column, tokens of the budget per second of the step loop, bf16 autocast, 64 blocks
-  of 256 tokens per micro-batch, one micro-batch per step; `layers-self` includes the teacher's forward pass.
+  of 256 tokens per step; `layers-self` includes the teacher's forward pass. Rows run beside another job on the
+  same GPU (their `note` says so) are not clean speed figures.
+
+## Reading
+
+READING
 
 ## An earlier run (for reference; other plans and recipe)
 
@@ -302,6 +355,7 @@ Its rows are folded into `results.jsonl` (marked `source`): LoRA on books at 491
 
 {table(earlier) if earlier else ''}
 """
+    text = text.replace("READING", (HERE / "reading.md").read_text().strip())
     (HERE / "RESULTS.md").write_text(text)
     print(f"wrote {HERE / 'RESULTS.md'} and {HERE / 'recovery.png'}")
 
