@@ -11,7 +11,8 @@ from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-GOALS = {"0.2": 1.3, "0.35": 2.0}  # by share of layers removed: healed WikiText-2 within this factor of dense (issue 23)
+# by share of layers removed: healed WikiText-2 within this factor of dense (issue 23)
+GOALS = {"0.2": 1.3, "0.35": 2.0}
 ZEROSHOT_GOAL = {"0.2": 1.0}  # healed zero-shot mean within this many points of dense (issue 23)
 SOURCES = ("wikitext2", "ptb", "lambada")
 TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -126,7 +127,8 @@ def zeroshot_tasks(rows: list[dict]) -> str:
     scored = [r for r in rows if r.get("zeroshot")]
     if not scored:
         return ""
-    head = "| model | healing | tokens | " + " | ".join(TASKS) + " | mean | without BoolQ |\n" + "|---" * (len(TASKS) + 5) + "|"
+    head = ("| model | healing | tokens | " + " | ".join(TASKS) + " | mean | without BoolQ |\n"
+            + "|---" * (len(TASKS) + 5) + "|")
     lines = [head]
     for r in scored:
         zs = r["zeroshot"]
@@ -208,7 +210,7 @@ def plot(models: dict[str, list[dict]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
     colors = {"0.2": "tab:blue", "0.35": "tab:red"}
-    styles = {"layers-self": "-o", "lora-books": "--s", "lora-self": ":^", "layers-self-bos": "-.v"}
+    styles = {"layers-self": "-o", "lora-books": "--s", "lora-self": ":^"}
     for ax, (name, rows) in zip(axes[0], models.items(), strict=True):
         dense = next(r for r in rows if r["kind"] == "dense")["perplexity"]["wikitext2"]
         for plan in dict.fromkeys(r["plan"] for r in rows if r["kind"] != "dense"):

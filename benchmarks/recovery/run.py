@@ -8,9 +8,7 @@ the same pruned weights under each arm, at each token budget:
   default recipe with a token budget);
 - ``layers-self``: every weight of the decoder layers, distilled (KL on the logits) from the dense
   model on text the dense model writes (``layerfold heal --data self --train layers``);
-- ``lora-self``: LoRA distilled on the same self-written text (separates the text from what trains);
-- ``layers-self-bos``: as ``layers-self``, on text the dense model writes from a lone BOS token
-  instead of the calibration openings (``--gen-seeds bos``).
+- ``lora-self``: LoRA distilled on the same self-written text (separates the text from what trains).
 
 Perplexity (every non-overlapping 128-token window, no BOS) on WikiText-2, PTB and LAMBADA for
 the dense, pruned and healed models, and with ``--zeroshot`` the seven zero-shot tasks; one row per
@@ -56,7 +54,7 @@ from layerfold.surgery import apply_plan
 
 HERE = Path(__file__).resolve().parent
 PLANS = HERE / "plans"
-ARMS = ("lora-books", "layers-self", "lora-self", "layers-self-bos")
+ARMS = ("lora-books", "layers-self", "lora-self")
 
 
 def log(msg: str) -> None:
@@ -120,10 +118,9 @@ def zeroshot(model: torch.nn.Module, tokenizer, args) -> dict | None:
 
 def arm_config(arm: str, budget: int, args):
     data, train = {"lora-books": ("books", "lora"), "layers-self": ("self", "layers"),
-                   "lora-self": ("self", "lora"), "layers-self-bos": ("self", "layers")}[arm]
+                   "lora-self": ("self", "lora")}[arm]
     lr = args.layers_lr if train == "layers" else args.lora_lr
-    self_text = dict(batch=args.gen_batch, length=args.gen_length,
-                     seeds="bos" if arm == "layers-self-bos" else "books")
+    self_text = dict(batch=args.gen_batch, length=args.gen_length)
     return make_config(data=data, train=train, lr=lr, max_tokens=budget, cutoff=args.cutoff,
                        batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed, eval_sources=(),
                        checkpoint_every=0, self_text=self_text, compile=args.compile)
