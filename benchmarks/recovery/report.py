@@ -1,4 +1,5 @@
-"""RESULTS.md and recovery.png from results.jsonl (every figure in them is read from the rows).
+"""RESULTS.md and recovery.png from results.jsonl (every figure in the tables is read from the rows; the prose
+under "Reading" is reading.md, written by hand from those tables).
 
     python benchmarks/recovery/report.py
 """
@@ -357,7 +358,8 @@ Its rows are folded into `results.jsonl` (marked `source`): LoRA on books at 491
 
 {table(earlier) if earlier else ''}
 """
-    text = text.replace("READING", (HERE / "reading.md").read_text().strip())
+    reading = "\n".join(line for line in (HERE / "reading.md").read_text().splitlines() if not line.startswith("<!--"))
+    text = text.replace("READING", reading.strip())
     (HERE / "RESULTS.md").write_text(text)
     print(f"wrote {HERE / 'RESULTS.md'} and {HERE / 'recovery.png'}")
 
