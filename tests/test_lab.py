@@ -16,7 +16,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import lab  # noqa: E402,F401  (registers slm-lab)
 from lab.choice import (  # noqa: E402
     choice_items,
-    default_bos,
     items_fit,
     model_choice_score,
     plan_choice_scores,
@@ -104,15 +103,6 @@ def _apply_drop(model, removed: list[int]) -> None:
     n = model.config.num_hidden_layers
     ops = [Operation("drop", i, i) for i in removed]
     apply_plan(model, Plan(method="manual", num_layers=n, operations=ops))
-
-
-def test_default_bos_follows_the_tokenizer():
-    tok = char_tokenizer()
-    assert default_bos(tok) is None  # it adds no special token by default
-    from tokenizers import processors
-
-    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    assert default_bos(tok) == 1
 
 
 def test_pick_choice_keeps_the_candidate_the_probe_prefers(tmp_path):

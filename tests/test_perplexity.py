@@ -153,3 +153,24 @@ def test_unpruned_check_is_remembered_per_weights(tmp_path, monkeypatch, tiny_mo
         next(other.model.model.layers[0].parameters()).add_(1.0)
     perplexities(other, (str(text),), None, progress=False, remember=True)
     assert len(calls) == 4
+
+
+def test_bos_by_default_only_where_the_tokenizer_puts_it_in_front(tmp_path, tiny_tokenizer):
+    """Without ``bos``, windows start with BOS exactly when the tokenizer puts BOS in front of every
+    text (Gemma's and Llama's do, SmolLM2's does not)."""
+    from tokenizers import processors
+
+    path = tmp_path / "t.txt"
+    path.write_text("the cat sat on the mat; the dog sat on the log. " * 3)
+    model = Bigram(VOCAB, seed=3)
+
+    def nll(bos):
+        return perplexity(model, tiny_tokenizer, str(path), seq_len=16, bos=bos, progress=False).nll
+
+    plain = perplexity(model, tiny_tokenizer, str(path), seq_len=16, progress=False)
+    assert plain.bos is False and plain.nll == nll(False) != nll(True)
+    bos_id = tiny_tokenizer.bos_token_id
+    tiny_tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                                               special_tokens=[("<s>", bos_id)])
+    led = perplexity(model, tiny_tokenizer, str(path), seq_len=16, progress=False)
+    assert led.bos is True and led.nll == nll(True)

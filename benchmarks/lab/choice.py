@@ -68,15 +68,6 @@ def choice_items(stream: torch.Tensor, count: int, bos_id: int | None = None, co
     return ids
 
 
-def default_bos(tokenizer) -> int | None:
-    """The BOS id when the tokenizer puts one first by default (Gemma's), else None (SmolLM2's)."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return None
-    first = tokenizer("a", add_special_tokens=True)["input_ids"][:1]
-    return bos if first == [bos] else None
-
-
 def continuation_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed log-likelihood (on the CPU) of each row's ``targets`` ([B, C]) under the ``logits``
     ([B, C, V]) that predict them."""

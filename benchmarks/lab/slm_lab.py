@@ -266,16 +266,16 @@ class SlmLab(SlidingLayerMerging):
         """The continuation-choice probe of each candidate on ``choice_items`` items of the
         calibration source (the source's whole text, not only the sampled windows)."""
         from layerfold.data.sources import load_text
-        from layerfold.data.tokens import token_stream
+        from layerfold.data.tokens import leading_bos, token_stream
 
-        from .choice import choice_items, default_bos, plan_choice_scores
+        from .choice import choice_items, plan_choice_scores
 
         tokenizer = ctx.loaded.tokenizer
         if tokenizer is None:
             raise LayerfoldError("pick=choice needs a tokenizer")
         stream = token_stream(tokenizer, load_text(ctx.calibration.source))
         try:
-            items = choice_items(stream, self.choice_items, default_bos(tokenizer))
+            items = choice_items(stream, self.choice_items, leading_bos(tokenizer))
         except LayerfoldError as exc:
             raise LayerfoldError(f"pick=choice on {ctx.calibration.source}: {exc}; give fewer with --set "
                                  "choice_items=N or a longer calibration source") from exc

@@ -167,12 +167,13 @@ def check_width_request(width, max_gpu_memory, force: bool = False) -> None:
 
 
 def evaluate(model: LoadedModel | str | None = None, ppl: tuple[str, ...] | None = None, seq_len: int = 128,
-             bos: bool = False, batch_size: int = 8, max_windows: int | None = None, progress: bool = True,
+             bos: bool | None = None, batch_size: int = 8, max_windows: int | None = None, progress: bool = True,
              tasks: str | tuple[str, ...] | list[str] | None = None, limit: int | None = None,
              hub: bool = False) -> dict:
     """Perplexity on each source and zero-shot accuracy on ``tasks``; a JSON-ready dict with the protocols.
 
-    ``ppl`` defaults to PTB when no zero-shot task is asked for, else to none.  ``tasks`` takes
+    ``ppl`` defaults to PTB when no zero-shot task is asked for, else to none.  ``bos=None`` puts BOS
+    first in each perplexity window where the tokenizer puts BOS in front of every text.  ``tasks`` takes
     task or group names (``"zeroshot7"``, ``"boolq,piqa"``), scored through
     lm-evaluation-harness (offline unless ``hub``); ``limit`` keeps the first N documents of
     each task; ``batch_size`` serves both perplexity windows and harness requests.

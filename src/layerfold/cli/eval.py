@@ -30,7 +30,9 @@ def eval_cmd(
     hub: Annotated[bool, typer.Option(
         help="Zero-shot: use lm-eval's built-in tasks and the hub's data instead of the offline copies.")] = False,
     seq_len: Annotated[int, typer.Option(help="Tokens per perplexity window (128 as the paper, or 2048).")] = 128,
-    bos: Annotated[bool, typer.Option(help="Put BOS first in every window.")] = False,
+    bos: Annotated[bool | None, typer.Option(
+        "--bos/--no-bos", help="Put BOS first in every perplexity window (default: where the tokenizer puts BOS in "
+        "front of every text, as Gemma's and Llama's do; not for SmolLM2).")] = None,
     batch_size: Annotated[int, typer.Option(
         help="Perplexity windows, or harness requests, per forward pass.")] = 8,
     max_windows: Annotated[int | None, typer.Option(help="Score only the first N windows.")] = None,

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from layerfold.data.sources import load_text, source_description
-from layerfold.data.tokens import token_stream
+from layerfold.data.tokens import leading_bos, token_stream
 from layerfold.errors import LayerfoldError
 
 
@@ -77,10 +77,15 @@ def perplexity_of_windows(model, windows: torch.Tensor, bos: bool, batch_size: i
     return total_nll / total_tokens, total_tokens
 
 
-def perplexity(model, tokenizer, source: str, seq_len: int = 128, bos: bool = False, batch_size: int = 8,
+def perplexity(model, tokenizer, source: str, seq_len: int = 128, bos: bool | None = None, batch_size: int = 8,
                max_windows: int | None = None, progress: bool = True) -> PerplexityResult:
+    """Perplexity over non-overlapping ``seq_len``-token windows of ``source``. ``bos=None`` puts BOS
+    first in each window where the tokenizer puts BOS in front of every text (Gemma, Llama: their
+    models were trained that way and are far off without it), and not otherwise (SmolLM2)."""
     if seq_len < 2:
         raise LayerfoldError("--seq-len must be at least 2")
+    if bos is None:
+        bos = leading_bos(tokenizer) is not None
     bos_id = None
     if bos:
         bos_id = tokenizer.bos_token_id
@@ -109,7 +114,8 @@ def perplexities(loaded, sources: tuple[str, ...], windows: int | None, progress
 
     if not sources:
         return {}
-    protocol = {"seq_len": 128, "bos": False, "batch_size": 8, "max_windows": windows}
+    protocol = {"seq_len": 128, "bos": leading_bos(loaded.tokenizer) is not None, "batch_size": 8,
+                "max_windows": windows}
     keys = {s: _memo_path(loaded, s, protocol, max_gpu_memory) for s in sources} if remember else {}
     known = {s: _read_memo(path) for s, path in keys.items()}
     todo = [s for s in sources if known.get(s) is None]
