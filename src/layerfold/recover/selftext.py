@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from layerfold.data.tokens import leading_bos
+from layerfold.data.tokens import leading_bos, tokens_hash
 from layerfold.errors import LayerfoldError
 
 NGRAM = 13  # the contamination window, as in GPT-3's overlap study
@@ -143,8 +143,7 @@ def cache_folder(model: torch.nn.Module, recipe: SelfTextRecipe, seeds: torch.Te
     differently, or leads them with BOS, never reads another's text)."""
     from layerfold.assets import cache_dir
 
-    seeds_hash = hashlib.sha256(seeds.numpy().tobytes()).hexdigest()[:8]
-    return cache_dir() / "self-text" / f"{model_fingerprint(model)}-{recipe.key()}-{seeds_hash}"
+    return cache_dir() / "self-text" / f"{model_fingerprint(model)}-{recipe.key()}-{tokens_hash(seeds)[:8]}"
 
 
 def _chunk_path(folder: Path, chunk: int) -> Path:
