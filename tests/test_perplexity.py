@@ -174,3 +174,26 @@ def test_bos_by_default_only_where_the_tokenizer_puts_it_in_front(tmp_path, tiny
                                                                                special_tokens=[("<s>", bos_id)])
     led = perplexity(model, tiny_tokenizer, str(path), seq_len=16, progress=False)
     assert led.bos is True and led.nll == nll(True)
+
+
+@pytest.mark.parametrize("leading", [False, True])
+def test_prune_check_and_card_say_whether_windows_start_with_bos(leading, tmp_path, tiny_model_dir, monkeypatch):
+    """``layerfold prune``'s before/after check follows the same rule, and its model card says which."""
+    from tokenizers import processors
+
+    from layerfold import api
+    from layerfold.models.load import load_model
+    from layerfold.plan import Operation, Plan, PlanResult
+
+    monkeypatch.setenv("LAYERFOLD_CACHE", str(tmp_path / "cache"))
+    loaded = load_model(str(tiny_model_dir("llama")))
+    if leading:
+        bos_id = loaded.tokenizer.bos_token_id
+        loaded.tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", bos_id)])
+    n = loaded.model.config.num_hidden_layers
+    plan = PlanResult(plan=Plan(method="manual", num_layers=n, operations=[Operation("drop", n - 1, n - 1)]))
+    report = api.prune(loaded, tmp_path / "out", plan=plan, ppl=("ptb",), ppl_windows=2, progress=False)
+    assert report.ppl_bos is leading
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert ("2, BOS first)" in card) is leading and ("2, no BOS)" in card) is not leading

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from layerfold.data.tokens import CalibrationConfig
+from layerfold.data.tokens import CalibrationConfig, leading_bos
 from layerfold.errors import LayerfoldError
 from layerfold.evaluate.perplexity import perplexities
 from layerfold.methods.base import Target
@@ -145,7 +145,8 @@ def prune(model: LoadedModel | str | None = None, out: str | Path | None = None,
     report = PruneReport(plan=result.plan, out=None, layers_before=layers_before,
                          layers_after=len(loaded.arch.layer_list(loaded.model)), params_before=params_before,
                          params_after=parameter_count(loaded.model), perplexity_before=before,
-                         perplexity_after=after, seconds=time.perf_counter() - start, ppl_windows=ppl_windows)
+                         perplexity_after=after, seconds=time.perf_counter() - start, ppl_windows=ppl_windows,
+                         ppl_bos=leading_bos(loaded.tokenizer) is not None)
     if out is not None:
         extra = {"plan.json": result.plan.to_json() + "\n",
                  "README.md": model_card(report, loaded, command or command_line())}

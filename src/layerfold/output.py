@@ -314,6 +314,7 @@ class PruneReport:
     perplexity_after: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     ppl_windows: int | None = None
+    ppl_bos: bool = False  # the perplexity windows start with BOS (tokenizers that put it in front of every text)
     width: Any | None = None  # the WidthPlan, when width pruning took part
     depth_width: dict | None = None  # with --split: the split chosen and every candidate tried
 
@@ -375,7 +376,8 @@ def _perplexity_lines(report: PruneReport) -> list[str]:
     if not report.perplexity_before:
         return []
     windows = "all" if report.ppl_windows is None else f"first {report.ppl_windows}"
-    lines = [f"## Perplexity (128-token windows, {windows}, no BOS)", "", "| text | before | after |", "|---|---|---|"]
+    bos = "BOS first" if report.ppl_bos else "no BOS"
+    lines = [f"## Perplexity (128-token windows, {windows}, {bos})", "", "| text | before | after |", "|---|---|---|"]
     lines += [f"| {s} | {before:.2f} | {report.perplexity_after.get(s, float('nan')):.2f} |"
               for s, before in report.perplexity_before.items()]
     return [*lines, ""]

@@ -228,7 +228,8 @@ def print_report(report) -> None:
     table.add_row("decoder layers", str(report.layers_before), str(report.layers_after))
     table.add_row("parameters", f"{report.params_before:,}", f"{report.params_after:,}")
     for source, value in report.perplexity_before.items():
-        table.add_row(f"{source} perplexity (128 tok)", f"{value:.2f}", f"{report.perplexity_after[source]:.2f}")
+        table.add_row(f"{source} perplexity (128 tok{', BOS first' if report.ppl_bos else ''})", f"{value:.2f}",
+                      f"{report.perplexity_after[source]:.2f}")
     console.print(table)
     if report.out is not None:
         console.print(f"saved to {report.out}  ({report.seconds:.1f} s)")

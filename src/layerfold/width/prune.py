@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from layerfold.data.tokens import CalibrationConfig
+from layerfold.data.tokens import CalibrationConfig, leading_bos
 from layerfold.errors import LayerfoldError
 from layerfold.evaluate.perplexity import perplexities
 from layerfold.methods.planning import make_plan
@@ -58,7 +58,7 @@ def prune_with_width(loaded: LoadedModel | str | None, out: str | Path | None, r
                          layers_after=len(loaded.arch.layer_list(loaded.model)), params_before=params_before,
                          params_after=parameter_count(loaded.model), perplexity_before=before,
                          perplexity_after=after, seconds=time.perf_counter() - start, ppl_windows=ppl_windows,
-                         width=wplan, depth_width=summary)
+                         ppl_bos=leading_bos(loaded.tokenizer) is not None, width=wplan, depth_width=summary)
     if out is not None:
         report.out = save_shrunk(loaded, out, report, depth, command=command or command_line(), overwrite=overwrite)
     return report
