@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lab  # noqa: E402,F401  (registers slm-lab)
+from conftest import build_tiny_tokenizer  # noqa: E402
 from lab.choice import (  # noqa: E402
     choice_items,
     items_fit,
@@ -27,18 +28,6 @@ from layerfold import api  # noqa: E402
 from layerfold.errors import LayerfoldError  # noqa: E402
 from layerfold.methods.base import Target, make_method  # noqa: E402
 from layerfold.models.load import wrap_model  # noqa: E402
-
-
-def char_tokenizer():
-    """A character-level fast tokenizer over printable ASCII (ids 2-96; 0 pad, 1 BOS), so that a
-    tiny random model can read a text file as calibration source."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, **{chr(c): c - 30 for c in range(32, 127)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>")
 
 
 def tiny(layers: int = 6, seed: int = 0, types: list[str] | None = None):
@@ -112,7 +101,7 @@ def test_pick_choice_keeps_the_candidate_the_probe_prefers(tmp_path):
     words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "dog", "ran", "far", "away", "home"]
     path = tmp_path / "text.txt"
     path.write_text(" ".join(rng.choice(words) for _ in range(2500)))
-    loaded = wrap_model(tiny(layers=8, seed=2), tokenizer=char_tokenizer())
+    loaded = wrap_model(tiny(layers=8, seed=2), tokenizer=build_tiny_tokenizer(vocab_size=100))
     from layerfold.data.tokens import CalibrationConfig
 
     result = api.make_plan(loaded, "slm-lab", Target(layers=6), options={"pick": "choice", "choice_items": 12},

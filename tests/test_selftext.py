@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import Interrupted, interrupt_at
+from conftest import Interrupted, build_tiny_tokenizer, interrupt_at
 
 from layerfold.errors import LayerfoldError
 from layerfold.models.load import wrap_model
@@ -26,18 +26,15 @@ TEXT = "the cat sat on the mat. a dog ran in the fog. " * 60
 
 
 def char_tokenizer(leading_bos: bool = False):
-    """One token per character; with ``leading_bos``, BOS in front of every text it encodes (as
-    Gemma's and Llama's tokenizers do)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    """conftest's character tokenizer (ids 0 pad, 1 BOS, 2 EOS, 3 unk, then one per printable
+    character); with ``leading_bos``, BOS in front of every text it encodes (as Gemma's and Llama's
+    tokenizers do)."""
+    from tokenizers import processors
 
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
+    tok = build_tiny_tokenizer(vocab_size=100)
     if leading_bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+        tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tok
 
 
 @pytest.fixture(scope="module")
