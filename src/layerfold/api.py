@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from layerfold.data.tokens import CalibrationConfig, leading_bos
+from layerfold.data.tokens import CalibrationConfig
 from layerfold.errors import LayerfoldError
-from layerfold.evaluate.perplexity import perplexities
+from layerfold.evaluate.perplexity import bos_by_default, perplexities
 from layerfold.methods.base import Target
 from layerfold.methods.planning import make_plan
 from layerfold.models.arch import parameter_count
@@ -146,7 +146,7 @@ def prune(model: LoadedModel | str | None = None, out: str | Path | None = None,
                          layers_after=len(loaded.arch.layer_list(loaded.model)), params_before=params_before,
                          params_after=parameter_count(loaded.model), perplexity_before=before,
                          perplexity_after=after, seconds=time.perf_counter() - start, ppl_windows=ppl_windows,
-                         ppl_bos=leading_bos(loaded.tokenizer) is not None)
+                         ppl_bos=bos_by_default(loaded.tokenizer))
     if out is not None:
         extra = {"plan.json": result.plan.to_json() + "\n",
                  "README.md": model_card(report, loaded, command or command_line())}

