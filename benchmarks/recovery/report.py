@@ -17,11 +17,33 @@ GOALS = {"0.2": 1.3, "0.35": 2.0}
 ZEROSHOT_GOAL = {"0.2": 1.0}  # healed zero-shot mean within this many points of dense (issue 23)
 SOURCES = ("wikitext2", "ptb", "lambada")
 TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+# where a model's plans came from, a section each in this order: today's default plans rescale channels (their
+# summaries carry "+channels"), the earlier ones of benchmarks/quality/default_plans do not (and share their names)
+PLAN_SOURCES = {True: "today's default plans", False: "earlier plans (without channel rescaling)"}
 
 
 def family(row: dict) -> str:
     """The model a row measured (the Gemma rows carry the folder it was converted into)."""
     return "Gemma-3-270M" if "gemma" in row["model"].lower() else "SmolLM2-135M-Instruct"
+
+
+def section_of(row: dict) -> str:
+    """The report section of a row: its model and, for a pruned or healed row, where its plan came from."""
+    if row["kind"] == "dense":
+        return family(row)
+    return f"{family(row)}: {PLAN_SOURCES['+channels' in row['plan_summary']]}"
+
+
+def sections(rows: list[dict]) -> dict[str, list[dict]]:
+    """The rows of each section, models in the order of their rows and today's plans first; a model's dense row
+    goes into each of its sections."""
+    out = {}
+    for name in dict.fromkeys(family(r) for r in rows):
+        for title in (f"{name}: {source}" for source in PLAN_SOURCES.values()):
+            group = [r for r in rows if section_of(r) in (name, title)]
+            if any(r["kind"] != "dense" for r in group):
+                out[title] = group
+    return out
 
 
 def ratio_of(plan: str) -> str:
@@ -135,7 +157,7 @@ def zeroshot_tasks(rows: list[dict]) -> str:
         zs = r["zeroshot"]
         what = "dense" if r["kind"] == "dense" else f"{r['plan']}, {r.get('arm') or 'none'}"
         tokens = f"{r['tokens_trained']:,}" if r["kind"] == "healed" else "-"
-        lines.append(f"| {family(r)} | {what} | {tokens} | " + " | ".join(f"{zs['tasks'][t]:.1f}" for t in TASKS)
+        lines.append(f"| {section_of(r)} | {what} | {tokens} | " + " | ".join(f"{zs['tasks'][t]:.1f}" for t in TASKS)
                      + f" | {zs['mean']:.1f} | {zs['mean_without_boolq']:.1f} |")
     return "\n".join(lines)
 
@@ -203,7 +225,7 @@ def trends(rows: list[dict]) -> str:
 
 
 def plot(models: dict[str, list[dict]], path: Path) -> None:
-    """One panel per model: WikiText-2 perplexity against healing tokens, a line per plan and arm."""
+    """One panel per section: WikiText-2 perplexity against healing tokens, a line per plan and arm."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,7 +257,7 @@ def plot(models: dict[str, list[dict]], path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("healing tokens (leftmost point: unhealed)")
         ax.set_ylabel("WikiText-2 perplexity (128-token windows)")
-        ax.set_title(f"{name}: quality against healing tokens", fontsize=10)
+        ax.set_title(f"{name}\nquality against healing tokens", fontsize=10)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -263,7 +285,8 @@ def plan_source(plans: dict[str, str]) -> str:
             "has the same 20% window and other 35% windows, in `benchmarks/recovery/plans`")
 
 
-def model_section(name: str, rows: list[dict]) -> str:
+def model_section(name: str, rows: list[dict], runs: list[dict]) -> str:
+    """One section: its merged rows, and every run as measured (for the repeats)."""
     plans = {r["plan"]: r["plan_summary"] for r in rows if r["kind"] in ("pruned", "healed")}
     machines = sorted({r["machine"].get("gpu", "CPU") for r in rows})
     return f"""## {name}
@@ -280,7 +303,7 @@ Plans: {'; '.join(f'`{k}`: {v}' for k, v in plans.items())} ({plan_source(plans)
 ### Arms at equal budgets
 
 {comparisons(rows)}
-{repeats(rows)}
+{repeats(runs)}
 
 ### What more tokens would give
 
@@ -292,10 +315,10 @@ def main() -> None:
     rows = load()
     written = [r for r in rows if r["kind"] == "generation-speed"]
     rows = [r for r in rows if r["kind"] != "generation-speed"]
-    current = merged([r for r in rows if "source" not in r])
+    measured = [r for r in rows if "source" not in r]
+    current = merged(measured)
     earlier = [r for r in rows if "source" in r]
-    models = {name: [r for r in current if family(r) == name]
-              for name in dict.fromkeys(family(r) for r in current)}
+    models, measured_by = sections(current), sections(measured)
     plot(models, HERE / "recovery.png")
     runs = {}
     for r in rows:
@@ -328,7 +351,7 @@ no sample repeated another's opening and none shared a 13-token window with Wiki
 
 ![quality against healing tokens](recovery.png)
 
-{chr(10).join(model_section(name, group) for name, group in models.items())}
+{chr(10).join(model_section(name, group, measured_by[name]) for name, group in models.items())}
 ## Zero-shot by task
 
 {zeroshot_tasks(current)}

@@ -112,6 +112,8 @@ def zeroshot(model: torch.nn.Module, tokenizer, args) -> dict | None:
     model.eval()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device.startswith("cuda")):
         out = evaluate_zeroshot(model, tokenizer, "zeroshot7", batch_size=args.zs_batch, progress=False)
+    if args.device.startswith("cuda"):  # lm-eval's largest batches stay cached: give them back to other jobs
+        torch.cuda.empty_cache()
     return {"tasks": {name: 100 * t["value"] for name, t in out["tasks"].items()},
             **{k: 100 * v for k, v in out["summary"].items() if k.startswith("mean")}}
 
@@ -178,7 +180,7 @@ def run(args) -> None:
     for plan_path in args.plan:
         pruned[plan_path] = pruned_copy(dense, plan_path)
         loaded, facts = pruned[plan_path]
-        if not args.skip_reference:
+        if not (args.skip_reference or args.no_unhealed):
             rows.add({"kind": "pruned", "model": dense.source, **facts,
                       "perplexity": evaluate(loaded.model, loaded.tokenizer, args),
                       "zeroshot": zeroshot(loaded.model, loaded.tokenizer, args)})
@@ -195,6 +197,8 @@ def run(args) -> None:
                     model.save_pretrained(Path(args.save_dir) / f"{facts['plan']}-{arm}-{budget}")
                 del model
                 gc.collect()
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -223,6 +227,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-reference", action="store_true", help="no dense and unhealed rows (already measured)")
     p.add_argument("--no-dense", action="store_true", help="no dense row (already measured)")
+    p.add_argument("--no-unhealed", action="store_true", help="no unhealed rows (already measured)")
     p.add_argument("--bos", action="store_true", help="perplexity windows start with BOS (Gemma)")
     p.add_argument("--save-dir", default=None, help="keep the healed models of the largest budget here")
     p.add_argument("--results", default=str(HERE / "results.jsonl"))
