@@ -147,7 +147,12 @@ def goals(rows: list[dict]) -> str:
 
 def zeroshot_tasks(rows: list[dict]) -> str:
     """Each zero-shot task's figure for the rows that have them (where healing does and does not help)."""
-    scored = [r for r in rows if r.get("zeroshot")]
+    kinds = ("dense", "pruned", "healed")
+    scored = []  # section by section, dense first, then each plan unhealed and healed by budget
+    for group in sections(rows).values():
+        for r in sorted(group, key=lambda r: (kinds.index(r["kind"]), r.get("plan") or "", r.get("budget") or 0)):
+            if r.get("zeroshot") and not any(r is s for s in scored):
+                scored.append(r)
     if not scored:
         return ""
     head = ("| model | healing | tokens | " + " | ".join(TASKS) + " | mean | without BoolQ |\n"
