@@ -229,6 +229,23 @@ def test_interrupted_save(run, monkeypatch, tmp_path, tiny_model_dir, text_file)
     assert nothing_written(tmp_path, "out")
 
 
+def test_out_of_gpu_memory_is_one_line(run, monkeypatch, tmp_path, tiny_model_dir, text_file):
+    import torch
+
+    model_dir = tiny_model_dir("llama")
+    _break_save(monkeypatch, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 39.16 GiB. GPU 0 has a "
+                                                    "total capacity of 79.18 GiB of which 2.11 GiB is free."))
+    code, _, err = run("prune", model_dir, "--out", tmp_path / "out", "--target-layers", "4",
+                       "--calib-source", text_file, *CALIB)
+    assert code == 3
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [err.strip().splitlines()[-1]]  # one line, the last (after the progress output)
+    assert errors[0].startswith("error: CUDA out of memory (tried to allocate 39.16 GiB); the output folder was not "
+                                 "written. Lower --batch-size")
+    assert "Traceback" not in err
+    assert nothing_written(tmp_path, "out")
+
+
 def test_prune_plan_and_reapply_end_to_end(run, tmp_path, tiny_model_dir, text_file, monkeypatch):
     from transformers import AutoModelForCausalLM
 

@@ -40,6 +40,23 @@ def main() -> None:
         if exc.code == 130:  # typer turns Ctrl-C into exit code 130; saves are atomic
             typer.echo("interrupted; nothing was written", err=True)
         raise
+    except Exception as exc:
+        if type(exc).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+            raise
+        typer.echo(f"error: {out_of_memory(exc)}", err=True)
+        sys.exit(3)
+
+
+def out_of_memory(exc: BaseException) -> str:
+    """One line for a GPU out-of-memory error: torch's first sentence and the options that need less memory
+    (saves are atomic, so the output folder was not written)."""
+    sentences = str(exc).split(". ")
+    said = sentences[0].strip() or "CUDA out of memory"
+    if len(sentences) > 1 and sentences[1].startswith("Tried to allocate"):
+        said += f" ({sentences[1][0].lower()}{sentences[1][1:]})"
+    return (f"{said}; the output folder was not written. Lower --batch-size (eval, heal, bench; zero-shot batches hold "
+            "batch x prompt length x vocabulary logits), stream layers with --max-gpu-memory (prune, plan, "
+            "analyze), or run on --device cpu.")
 
 
 if __name__ == "__main__":
