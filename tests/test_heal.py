@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import Interrupted, interrupt_at
 
 from layerfold.errors import LayerfoldError
@@ -15,7 +16,7 @@ from layerfold.plan import Operation, Plan
 from layerfold.recover import heal, make_config
 from layerfold.recover.checkpoint import checkpoint_dir_for, latest_checkpoint
 from layerfold.recover.data import block_order, data_parts, load_heal_text, parse_hub_spec, token_blocks
-from layerfold.recover.distill import hidden_mismatch, logits_kl
+from layerfold.recover.distill import hidden_mismatch, logits_kl, next_token_ce
 from layerfold.recover.lora import projection_names
 from layerfold.surgery import apply_plan
 
@@ -176,6 +177,37 @@ def test_distillation_pulls_a_pruned_student_towards_its_teacher(tokenizer, text
     report = run(student, tokenizer, config(text_file, max_steps=15, distill="teacher"), teacher=teacher)
     kls = [log["kl"] for log in report.losses]
     assert kls[0] > 1e-4 and sum(kls[-3:]) / 3 < kls[0]
+
+
+@pytest.mark.parametrize("slice_elements", [7, 50, 2**26])  # slices inside a block, across blocks, all at once
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sliced_logit_losses_match_torch(slice_elements, dtype, monkeypatch):
+    """The sliced losses and their gradients are torch's KL and cross-entropy on ``logits[:, :-1]``."""
+    from layerfold.recover import distill
+
+    monkeypatch.setattr(distill, "SLICE_ELEMENTS", slice_elements)
+    gen = torch.Generator().manual_seed(0)
+    student = (3 * torch.randn(3, 6, 11, generator=gen)).to(dtype).requires_grad_()
+    teacher = (3 * torch.randn(3, 6, 11, generator=gen)).to(dtype)
+    ids = torch.randint(0, 11, (3, 6), generator=gen)
+
+    def torch_kl(s, t, temperature):
+        s = F.log_softmax(s[:, :-1].float().flatten(0, 1) / temperature, dim=-1)
+        t = F.log_softmax(t[:, :-1].float().flatten(0, 1) / temperature, dim=-1)
+        return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+    def torch_ce(logits, ids):
+        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+
+    ulp = 0 if dtype == torch.float32 else 2**-8  # bf16 gradients may round once more (relative)
+    for ours, theirs in ((lambda s: logits_kl(s, teacher, 2.0), lambda s: torch_kl(s, teacher, 2.0)),
+                         (lambda s: logits_kl(s, teacher), lambda s: torch_kl(s, teacher, 1.0)),
+                         (lambda s: next_token_ce(s, ids), lambda s: torch_ce(s, ids))):
+        value, (grad,) = ours(student), torch.autograd.grad(0.5 * ours(student), student)
+        expected, (expected_grad,) = theirs(student), torch.autograd.grad(0.5 * theirs(student), student)
+        assert float(value.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+        assert expected_grad[:, -1].abs().max() == 0 and grad[:, -1].abs().max() == 0
+        torch.testing.assert_close(grad.float(), expected_grad.float(), atol=1e-7, rtol=2 * ulp + 1e-5)
 
 
 def test_distillation_losses():

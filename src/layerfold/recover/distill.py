@@ -8,6 +8,11 @@ relative squared error between the final hidden states (the output of the final 
 input of the LM head), ``||s - t||^2 / ||t||^2``, which is scale-free so the weight reads the
 same on every model.  Losses are computed in float32 on the positions that predict a next
 token in the block.
+
+The two logit losses never hold a float32 copy of the whole logits tensor (batch x positions x
+vocabulary; 4 GiB for 16 blocks of 256 tokens at Gemma's 262k vocabulary): they run over slices of
+positions and write the gradient with respect to the logits in the same pass, so backward only
+scales it (``_SlicedLogitLoss``).
 """
 
 from __future__ import annotations
@@ -31,15 +36,70 @@ class LossWeights:
         return self.distill and self.hidden > 0
 
 
+SLICE_ELEMENTS = 2**26  # logits a slice holds (256 MiB in float32)
+
+
+class _SlicedLogitLoss(torch.autograd.Function):
+    """Mean over the next-token positions (all but each block's last) of a per-position loss, in float32,
+    one slice of positions at a time.  ``part(lo, hi, s)`` gets the float32 logits ``s`` of flattened
+    positions ``lo:hi`` and returns (each position's loss, d loss / d s); the gradient is stored in the
+    logits' dtype, as autograd would hand it to them, and backward only scales it."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, part) -> torch.Tensor:
+        batch, length, vocab = logits.shape
+        if length < 2:
+            raise ValueError("a block needs at least two tokens to predict one")
+        rows = logits.reshape(-1, vocab)
+        keep = (torch.arange(rows.shape[0], device=logits.device) % length != length - 1).float()
+        keep /= batch * (length - 1)
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.zeros_like(rows) if want_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        step = max(1, SLICE_ELEMENTS // vocab)
+        for lo in range(0, rows.shape[0], step):
+            hi = min(lo + step, rows.shape[0])
+            loss, g = part(lo, hi, rows[lo:hi].float())
+            total += (loss * keep[lo:hi]).sum()
+            if want_grad:
+                grad[lo:hi] = g * keep[lo:hi, None]
+        ctx.save_for_backward(grad)
+        ctx.logits_shape = logits.shape
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_output).view(ctx.logits_shape), None
+
+
 def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+    """Cross-entropy of each next token, mean over positions."""
+    targets = input_ids.roll(-1, dims=1).reshape(-1)  # each block's last target wraps around: weighed 0
+
+    def part(lo, hi, s):
+        log_p = F.log_softmax(s, dim=-1)
+        t = targets[lo:hi]
+        grad = log_p.exp()
+        grad[torch.arange(hi - lo, device=s.device), t] -= 1
+        return -log_p.gather(-1, t[:, None]).squeeze(-1), grad
+
+    return _SlicedLogitLoss.apply(logits, part)
 
 
 def logits_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """``T^2 * KL(softmax(teacher/T) || softmax(student/T))``, mean over positions."""
-    s = F.log_softmax(student.float().flatten(0, -2) / temperature, dim=-1)
-    t = F.log_softmax(teacher.float().flatten(0, -2) / temperature, dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+    """``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` at the next-token positions (all but each
+    block's last), mean over positions."""
+    T = temperature  # noqa: N806 (the usual name)
+    teacher_rows = teacher.reshape(-1, teacher.shape[-1])
+
+    def part(lo, hi, s):
+        log_s = F.log_softmax(s / T, dim=-1)
+        log_t = F.log_softmax(teacher_rows[lo:hi].float() / T, dim=-1)
+        p_t = log_t.exp()
+        return T**2 * (p_t * (log_t - log_s)).sum(-1), T * (log_s.exp() - p_t)  # d(T^2 KL)/ds = T(p_s - p_t)
+
+    return _SlicedLogitLoss.apply(student, part)
 
 
 def hidden_mismatch(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -58,7 +118,7 @@ def heal_loss(student_out, input_ids: torch.Tensor, weights: LossWeights,
         raise ValueError("distillation needs the teacher's outputs")
     parts: dict[str, torch.Tensor] = {}
     if weights.kl > 0:
-        parts["kl"] = logits_kl(student_out.logits[:, :-1], teacher_out.logits[:, :-1], weights.temperature)
+        parts["kl"] = logits_kl(student_out.logits, teacher_out.logits, weights.temperature)
     if weights.ce > 0:
         parts["ce"] = next_token_ce(student_out.logits, input_ids)
     if weights.hidden > 0:
