@@ -47,8 +47,8 @@ def measure(case: str, loss: str, impl: str) -> dict:
     """In this process: the peak memory growth (GiB) and seconds of one loss and its backward."""
     vocab, blocks = CASES[case]
     gen = torch.Generator().manual_seed(0)
-    student = torch.randn(blocks, 256, vocab, generator=gen).to(torch.bfloat16).requires_grad_()
-    teacher = torch.randn(blocks, 256, vocab, generator=gen).to(torch.bfloat16)
+    student = torch.randn(blocks, 256, vocab, generator=gen, dtype=torch.bfloat16, requires_grad=True)
+    teacher = torch.randn(blocks, 256, vocab, generator=gen, dtype=torch.bfloat16)
     ids = torch.randint(0, vocab, (blocks, 256), generator=gen)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()

@@ -283,6 +283,25 @@ def generation(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(f"    {c}" for c in commands)
 
 
+def loss_memory(rows: list[dict]) -> str:
+    """The rows of ``loss_memory.py``: memory and seconds of one micro-batch's loss and gradient, torch's
+    formulation against layerfold's sliced one."""
+    if not rows:
+        return "Not measured yet (`loss_memory.py`)."
+    lines = ["| vocabulary | blocks of 256 tokens | bf16 logits GiB | loss | torch: peak growth GiB | layerfold | "
+             "torch: seconds | layerfold |", "|---" * 8 + "|"]
+    by = {(r["case"], r["loss"], r["impl"]): r for r in rows}  # the latest of each
+    for case, loss in dict.fromkeys((r["case"], r["loss"]) for r in rows):
+        t, ours = by.get((case, loss, "torch")), by.get((case, loss, "layerfold"))
+        if t and ours:
+            lines.append(f"| {t['vocab']:,} ({case}) | {t['blocks']} | {t['logits_gib']:.2f} | {loss} | "
+                         f"{t['peak_growth_gib']:.2f} | {ours['peak_growth_gib']:.2f} | {t['seconds']:.1f} | "
+                         f"{ours['seconds']:.1f} |")
+    r = rows[-1]
+    return ("\n".join(lines) + f"\n\n    {r['command']}    # commit {r['commit']}, {r['date'][:10]}, "
+            f"{r['machine']['cpus']} CPU cores, torch {r['machine']['torch']}")
+
+
 def plan_source(plans: dict[str, str]) -> str:
     if all("+channels" in v for v in plans.values()):
         return "today's default, `benchmarks/recovery/plans`: `layerfold prune --ratio R` with its channel factors"
@@ -319,7 +338,8 @@ Plans: {'; '.join(f'`{k}`: {v}' for k, v in plans.items())} ({plan_source(plans)
 def main() -> None:
     rows = load()
     written = [r for r in rows if r["kind"] == "generation-speed"]
-    rows = [r for r in rows if r["kind"] != "generation-speed"]
+    losses = [r for r in rows if r["kind"] == "loss-memory"]
+    rows = [r for r in rows if r["kind"] not in ("generation-speed", "loss-memory")]
     measured = [r for r in rows if "source" not in r]
     current = merged(measured)
     earlier = [r for r in rows if "source" in r]
@@ -374,6 +394,12 @@ no sample repeated another's opening and none shared a 13-token window with Wiki
 - Training: the `train tok/s` column, tokens of the budget per second of the step loop, bf16 autocast, 64 blocks
   of 256 tokens per step; `layers-self` includes the teacher's forward pass. Rows run beside another job on the
   same GPU (their `note` says so) are not clean speed figures.
+
+- The losses' memory (`loss_memory.py`; one micro-batch's loss and gradient with respect to random bf16
+  logits, on the CPU, whose peak resident memory shows what the same tensors take on a GPU; each measurement
+  in a fresh process): the growth of peak memory past the logits themselves, and the seconds.
+
+{loss_memory(losses)}
 
 ## Reading
 

@@ -36,7 +36,7 @@ class LossWeights:
         return self.distill and self.hidden > 0
 
 
-SLICE_ELEMENTS = 2**26  # logits a slice holds (256 MiB in float32)
+SLICE_ELEMENTS = 2**24  # logits a slice holds (64 MiB in float32)
 
 
 class _SlicedLogitLoss(torch.autograd.Function):
