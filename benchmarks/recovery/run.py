@@ -91,7 +91,7 @@ class Rows:
         row = {**row, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), **self.common}
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
-        log(f"row: {row.get('plan', 'dense')} {row.get('arm', '')} {row.get('budget', '')} "
+        log(f"row: {row.get('plan') or row['kind']} {row.get('arm', '')} {row.get('budget', '')} "
             f"{ {k: round(v, 2) for k, v in row.get('perplexity', {}).items()} }")
 
 
