@@ -27,11 +27,16 @@ def family(row: dict) -> str:
     return "Gemma-3-270M" if "gemma" in row["model"].lower() else "SmolLM2-135M-Instruct"
 
 
+def rescaled(plan_summary: str) -> bool:
+    """Whether a plan is one of today's default's: its summary names channel factors."""
+    return "+channels" in plan_summary
+
+
 def section_of(row: dict) -> str:
     """The report section of a row: its model and, for a pruned or healed row, where its plan came from."""
     if row["kind"] == "dense":
         return family(row)
-    return f"{family(row)}: {PLAN_SOURCES['+channels' in row['plan_summary']]}"
+    return f"{family(row)}: {PLAN_SOURCES[rescaled(row['plan_summary'])]}"
 
 
 def sections(rows: list[dict]) -> dict[str, list[dict]]:
@@ -303,7 +308,7 @@ def loss_memory(rows: list[dict]) -> str:
 
 
 def plan_source(plans: dict[str, str]) -> str:
-    if all("+channels" in v for v in plans.values()):
+    if all(rescaled(v) for v in plans.values()):
         return "today's default, `benchmarks/recovery/plans`: `layerfold prune --ratio R` with its channel factors"
     return ("`benchmarks/quality/default_plans`: an earlier default's, without the channel rescaling; today's default "
             "has the same 20% window and other 35% windows, in `benchmarks/recovery/plans`")

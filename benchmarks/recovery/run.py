@@ -102,6 +102,12 @@ def evaluate(model: torch.nn.Module, tokenizer, args) -> dict[str, float]:
                               max_windows=args.eval_windows, progress=False).perplexity for s in args.eval}
 
 
+def release_cached_memory(args) -> None:
+    """Give the GPU memory torch keeps cached back, for the other jobs that share the GPU."""
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def zeroshot(model: torch.nn.Module, tokenizer, args) -> dict | None:
     """The seven zero-shot tasks (full sets; ``--zeroshot``): each task's figure and the means with and
     without BoolQ, in percent."""
@@ -112,8 +118,7 @@ def zeroshot(model: torch.nn.Module, tokenizer, args) -> dict | None:
     model.eval()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device.startswith("cuda")):
         out = evaluate_zeroshot(model, tokenizer, "zeroshot7", batch_size=args.zs_batch, progress=False)
-    if args.device.startswith("cuda"):  # lm-eval's largest batches stay cached: give them back to other jobs
-        torch.cuda.empty_cache()
+    release_cached_memory(args)  # lm-eval's largest batches stay cached
     return {"tasks": {name: 100 * t["value"] for name, t in out["tasks"].items()},
             **{k: 100 * v for k, v in out["summary"].items() if k.startswith("mean")}}
 
@@ -197,8 +202,7 @@ def run(args) -> None:
                     model.save_pretrained(Path(args.save_dir) / f"{facts['plan']}-{arm}-{budget}")
                 del model
                 gc.collect()
-                if args.device.startswith("cuda"):
-                    torch.cuda.empty_cache()
+                release_cached_memory(args)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
